@@ -1,0 +1,7 @@
+//! ferrovirt-vmm: a KVM virtual machine monitor, one process per VM.
+
+pub mod config;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod vm;

@@ -1,0 +1,3 @@
+//! The KVM virtual machine: VM file descriptor, irqchip, vCPU threads.
+
+pub mod interrupt;
