@@ -1,1 +1,3 @@
 //! Emulated devices and the buses that route guest port and MMIO accesses to them.
+
+pub mod bus;
