@@ -57,7 +57,7 @@ pub struct VmConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
-    pub boot_vcpus: u8,
+    pub boot_vcpus: u16,
 }
 
 impl Default for CpusConfig {

@@ -13,6 +13,22 @@ use kvm_ioctls::{Kvm, VmFd};
 /// below the top 4 GiB, outside RAM and outside the PCI window.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// xAPIC IDs are 8 bits and 0xff is the broadcast ID; the MADT uses 8-bit IDs too.
+pub const MAX_XAPIC_VCPUS: usize = 254;
+
+/// Refuses guest RAM larger than the host's: its pages would be charged as the guest
+/// touches them, and the OOM killer would end the VM long after it started.
+pub fn check_memory_fits_host(size_mib: u64) -> Result<(), VmError> {
+    let info = nix::sys::sysinfo::sysinfo().ok();
+    let host_mib = info.map_or(u64::MAX, |i| i.ram_total() >> 20);
+    if size_mib > host_mib {
+        return Err(VmError::TooMuchMemory {
+            asked_mib: size_mib,
+            host_mib,
+        });
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -20,8 +36,12 @@ pub enum VmError {
         "cannot open /dev/kvm; is KVM enabled in the kernel (kvm_intel/kvm_amd) and are we root or in group kvm?"
     )]
     OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("{asked} vCPUs asked for, but this host's KVM allows at most {max}")]
-    TooManyVcpus { asked: u8, max: usize },
+    #[error(
+        "{asked} vCPUs asked for, but at most {max} are possible here (KVM's limit, and 254 xAPIC IDs)"
+    )]
+    TooManyVcpus { asked: u16, max: usize },
+    #[error("{asked_mib} MiB of guest memory asked for, but this host has only {host_mib} MiB")]
+    TooMuchMemory { asked_mib: u64, host_mib: u64 },
     #[error("KVM cannot {what}")]
     Kvm {
         what: &'static str,
@@ -47,9 +67,9 @@ pub enum GuestExit {
 pub type ExitNotifier = Arc<dyn Fn(GuestExit) + Send + Sync>;
 
 /// Opens KVM and creates a VM with the in-kernel irqchip and PIT, ready for `vcpus`.
-pub fn create_vm(vcpus: u8) -> Result<(Kvm, Arc<VmFd>), VmError> {
+pub fn create_vm(vcpus: u16) -> Result<(Kvm, Arc<VmFd>), VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-    let max = kvm.get_max_vcpus();
+    let max = kvm.get_max_vcpus().min(MAX_XAPIC_VCPUS);
     if vcpus as usize > max {
         return Err(VmError::TooManyVcpus { asked: vcpus, max });
     }
@@ -74,16 +94,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn more_vcpus_than_kvm_allows_are_refused() {
-        let max = Kvm::new().unwrap().get_max_vcpus();
-        if max >= u8::MAX as usize {
-            // This host's KVM allows more than a u8 can ask for; the check cannot trip.
-            return;
-        }
-        let asked = (max + 1) as u8;
+    fn more_vcpus_than_possible_are_refused() {
+        let max = Kvm::new().unwrap().get_max_vcpus().min(MAX_XAPIC_VCPUS);
+        let asked = (max + 1) as u16;
         assert!(matches!(
             create_vm(asked),
             Err(VmError::TooManyVcpus { .. })
         ));
+        assert!(create_vm(max as u16).is_ok());
+    }
+
+    #[test]
+    fn memory_beyond_the_host_is_refused() {
+        assert!(check_memory_fits_host(64).is_ok());
+        let err = check_memory_fits_host(1 << 30).unwrap_err();
+        assert!(err.to_string().contains("this host has only"), "{err}");
     }
 }

@@ -1,0 +1,267 @@
+//! The VMM: builds the VM from its config, runs it, and answers the API until the guest
+//! or a client ends it. One VM per process.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestAddressSpace;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
+use crate::devices::serial::{SerialDevice, SerialError};
+use crate::layout::{
+    ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUGCON_PORT, I8042_PORT,
+};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vm::cpu::{self, CpuError};
+use crate::vm::interrupt::{InterruptError, InterruptRouter};
+use crate::vm::vcpu::{VcpuContext, VcpuError, Vcpus};
+use crate::vm::{self, ExitNotifier, GuestExit, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot set up guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("cannot set up interrupts")]
+    Interrupt(#[from] InterruptError),
+    #[error("cannot boot the payload")]
+    Boot(#[from] BootError),
+    #[error("cannot set up a vCPU")]
+    Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up the serial console")]
+    Serial(#[from] SerialError),
+    #[error("cannot place a device")]
+    Bus(#[from] BusError),
+    #[error("KVM cannot create vCPU {id}")]
+    CreateVcpu {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot open debug console output {path}")]
+    DebugCon {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nothing to run: give a kernel (--kernel or --config) or an API socket (--api-socket)")]
+    NothingToRun,
+}
+
+/// Process exit statuses (documented in `ferrovirt-vmm --help`).
+pub mod exit_status {
+    pub const POWERED_OFF: u8 = 0;
+    pub const VMM_ERROR: u8 = 1;
+    pub const GUEST_RESET: u8 = 3;
+    pub const GUEST_CRASHED: u8 = 4;
+}
+
+/// What the VMM process does, as main.rs hands it over.
+#[derive(Debug, Default)]
+pub struct VmmOptions {
+    /// Boot this VM at start; without it, wait for the API.
+    pub config: Option<VmConfig>,
+    pub api_socket: Option<PathBuf>,
+    /// Where bytes written to the debug console port go.
+    pub debugcon: Option<PathBuf>,
+}
+
+/// Everything that reaches the control loop.
+pub enum VmmEvent {
+    Guest(GuestExit),
+}
+
+/// A built and running VM. Dropping it stops the vCPUs before guest memory goes away.
+pub struct Vm {
+    vcpus: Vcpus,
+    serial: Arc<SerialDevice>,
+    debugcon: Arc<DebugConsole>,
+    _router: Arc<InterruptRouter>,
+    _vm_fd: Arc<VmFd>,
+    _ram: GuestRam,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Creates the VM, loads the payload and starts every vCPU.
+    pub fn start(
+        config: &VmConfig,
+        debugcon: Option<File>,
+        on_exit: ExitNotifier,
+        started: Instant,
+    ) -> Result<Vm, VmmError> {
+        config.validate()?;
+        // create_vm refuses more than MAX_XAPIC_VCPUS, so the count fits in a u8.
+        let vcpu_count = config.cpus.boot_vcpus.min(vm::MAX_XAPIC_VCPUS as u16) as u8;
+        vm::check_memory_fits_host(config.memory.size_mib)?;
+        let (kvm, vm_fd) = vm::create_vm(config.cpus.boot_vcpus)?;
+        let ram = GuestRam::new(config.memory.size_mib << 20, config.memory.hugepages)?;
+        ram.register_with(&vm_fd)?;
+        let router = InterruptRouter::new(vm_fd.clone())?;
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let serial = SerialDevice::new(&config.serial, router.legacy_irqfd(COM1_IRQ)?)?;
+        pio.insert(COM1_PORT as u64, 8, serial.clone())?;
+        pio.insert(I8042_PORT as u64, 5, Arc::new(I8042::new(on_exit.clone())))?;
+        let debugcon = Arc::new(DebugConsole::new(debugcon, started));
+        pio.insert(DEBUGCON_PORT as u64, 1, debugcon.clone())?;
+        pio.insert(
+            DEBUG_EXIT_PORT as u64,
+            4,
+            Arc::new(DebugExit(on_exit.clone())),
+        )?;
+        pio.insert(
+            ACPI_SLEEP_CONTROL_PORT as u64,
+            2,
+            Arc::new(AcpiSleepControl(on_exit.clone())),
+        )?;
+
+        let mem = ram.memory.memory();
+        let entry = boot::load_payload(&mem, ram.size, &config.payload, vcpu_count)?;
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut fds = Vec::with_capacity(vcpu_count as usize);
+        for id in 0..vcpu_count {
+            let fd = vm_fd
+                .create_vcpu(id as u64)
+                .map_err(|source| VmmError::CreateVcpu { id, source })?;
+            cpu::configure_vcpu(&fd, id, vcpu_count, &base_cpuid)?;
+            if id == 0 {
+                cpu::configure_boot_vcpu(&fd, &mem, entry)?;
+            }
+            fds.push(fd);
+        }
+        tracing::info!(
+            vcpus = vcpu_count,
+            memory_mib = config.memory.size_mib,
+            ?entry,
+            setup_us = started.elapsed().as_micros() as u64,
+            "starting guest"
+        );
+        let vcpus = Vcpus::start(fds, VcpuContext { pio, mmio, on_exit })?;
+        Ok(Vm {
+            vcpus,
+            serial,
+            debugcon,
+            _router: router,
+            _vm_fd: vm_fd,
+            _ram: ram,
+            _kvm: kvm,
+        })
+    }
+
+    pub fn pause(&self) {
+        self.vcpus.pause();
+    }
+
+    pub fn resume(&self) {
+        self.vcpus.resume();
+    }
+
+    /// Device and vCPU counters, by component.
+    pub fn counters(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut all = serde_json::Map::new();
+        for (id, c) in self.vcpus.counters.iter().enumerate() {
+            let m: serde_json::Map<_, _> = c
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            all.insert(format!("vcpu{id}"), m.into());
+        }
+        let s = &self.serial.counters;
+        all.insert(
+            "serial".into(),
+            serde_json::json!({
+                "tx_bytes": s.tx_bytes.load(Relaxed),
+                "tx_lost_bytes": s.tx_lost_bytes.load(Relaxed),
+                "rx_bytes": s.rx_bytes.load(Relaxed),
+            }),
+        );
+        all.insert(
+            "debugcon".into(),
+            serde_json::json!({ "bytes": self.debugcon.bytes.load(Relaxed) }),
+        );
+        all.into()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.vcpus.stop();
+    }
+}
+
+/// The process exit status for a guest exit.
+pub fn exit_code(exit: &GuestExit) -> u8 {
+    match exit {
+        GuestExit::PowerOff => exit_status::POWERED_OFF,
+        GuestExit::Reset => exit_status::GUEST_RESET,
+        GuestExit::DebugExit(code) => *code,
+        GuestExit::Crashed(_) => exit_status::GUEST_CRASHED,
+    }
+}
+
+fn log_exit(exit: &GuestExit) {
+    match exit {
+        GuestExit::PowerOff => tracing::info!("guest powered off"),
+        GuestExit::Reset => tracing::info!(
+            "guest reset itself; the VMM exits and leaves restarting to its supervisor"
+        ),
+        GuestExit::DebugExit(code) => tracing::info!(code, "guest wrote to the debug-exit port"),
+        GuestExit::Crashed(why) => tracing::error!("guest crashed: {why}"),
+    }
+}
+
+/// Runs the VMM until the guest or a client ends it; returns the process exit status.
+pub fn run(options: VmmOptions) -> Result<u8, VmmError> {
+    let started = Instant::now();
+    let (tx, rx): (Sender<VmmEvent>, Receiver<VmmEvent>) = channel();
+    let notifier_tx = std::sync::Mutex::new(tx.clone());
+    let on_exit: ExitNotifier = Arc::new(move |exit| {
+        let tx = notifier_tx.lock().unwrap_or_else(|e| e.into_inner());
+        // The loop only stops listening when the process is ending.
+        let _ = tx.send(VmmEvent::Guest(exit));
+    });
+    let debugcon = options
+        .debugcon
+        .as_ref()
+        .map(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::DebugCon {
+                    path: path.clone(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let Some(config) = options.config else {
+        return Err(VmmError::NothingToRun);
+    };
+    let vm = Vm::start(&config, debugcon, on_exit, started)?;
+    for event in rx {
+        match event {
+            VmmEvent::Guest(exit) => {
+                log_exit(&exit);
+                drop(vm);
+                return Ok(exit_code(&exit));
+            }
+        }
+    }
+    Ok(exit_status::VMM_ERROR)
+}
