@@ -1,5 +1,6 @@
 //! ferrovirt-vmm: a KVM virtual machine monitor, one process per VM.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
