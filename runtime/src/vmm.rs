@@ -10,6 +10,10 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestAddressSpace;
 
+use crate::api::{
+    ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServer, ApiServerError, VmInfo, VmState,
+    VmmPingResponse, json_response,
+};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
@@ -56,6 +60,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve the API")]
+    Api(#[from] ApiServerError),
     #[error("nothing to run: give a kernel (--kernel or --config) or an API socket (--api-socket)")]
     NothingToRun,
 }
@@ -81,6 +87,7 @@ pub struct VmmOptions {
 /// Everything that reaches the control loop.
 pub enum VmmEvent {
     Guest(GuestExit),
+    Api(ApiMessage),
 }
 
 /// A built and running VM. Dropping it stops the vCPUs before guest memory goes away.
@@ -226,15 +233,151 @@ fn log_exit(exit: &GuestExit) {
     }
 }
 
+/// What the control loop does after handling an event.
+enum Next {
+    Continue,
+    Exit(u8),
+}
+
+/// The control loop's state: at most one VM, from its config to its end.
+struct Vmm {
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    paused: bool,
+    debugcon: Option<File>,
+    on_exit: ExitNotifier,
+    started: Instant,
+}
+
+impl Vmm {
+    fn state(&self) -> Option<VmState> {
+        match (&self.config, &self.vm) {
+            (None, _) => None,
+            (Some(_), None) => Some(VmState::Created),
+            (Some(_), Some(_)) if self.paused => Some(VmState::Paused),
+            (Some(_), Some(_)) => Some(VmState::Running),
+        }
+    }
+
+    fn boot(&mut self) -> Result<(), VmmError> {
+        let config = self.config.as_ref().ok_or(VmmError::NothingToRun)?;
+        let vm = Vm::start(
+            config,
+            self.debugcon.take(),
+            self.on_exit.clone(),
+            self.started,
+        )?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn no_vm() -> ApiError {
+        ApiError::not_found("no VM is created: PUT /api/v1/vm.create first")
+    }
+
+    fn wrong_state(&self, action: &str, needs: &str) -> ApiError {
+        match self.state() {
+            None => Vmm::no_vm(),
+            Some(state) => ApiError::conflict(format!(
+                "cannot {action} a VM that is {state:?}; it must be {needs}"
+            )),
+        }
+    }
+
+    fn handle_api(&mut self, request: ApiRequest) -> (ApiResponse, Next) {
+        let ok = |next| (Ok(None), next);
+        match request {
+            ApiRequest::VmCreate(config) => {
+                if self.config.is_some() {
+                    return (
+                        Err(ApiError::conflict(
+                            "a VM is already created; one VMM process runs one VM",
+                        )),
+                        Next::Continue,
+                    );
+                }
+                if let Err(e) = config.validate() {
+                    return (Err(ApiError::bad_request_from(&e)), Next::Continue);
+                }
+                self.config = Some(*config);
+                ok(Next::Continue)
+            }
+            ApiRequest::VmBoot => {
+                if self.state() != Some(VmState::Created) {
+                    return (Err(self.wrong_state("boot", "Created")), Next::Continue);
+                }
+                match self.boot() {
+                    Ok(()) => ok(Next::Continue),
+                    Err(e @ (VmmError::Config(_) | VmmError::Boot(_) | VmmError::Vm(_))) => {
+                        (Err(ApiError::bad_request_from(&e)), Next::Continue)
+                    }
+                    Err(e) => (Err(ApiError::internal_from(&e)), Next::Continue),
+                }
+            }
+            ApiRequest::VmInfo => match (self.state(), &self.config) {
+                (Some(state), Some(config)) => (
+                    json_response(&VmInfo {
+                        state,
+                        config: config.clone(),
+                    }),
+                    Next::Continue,
+                ),
+                _ => (Err(Vmm::no_vm()), Next::Continue),
+            },
+            ApiRequest::VmPause => match (&self.vm, self.state()) {
+                (Some(vm), Some(VmState::Running)) => {
+                    vm.pause();
+                    self.paused = true;
+                    ok(Next::Continue)
+                }
+                _ => (Err(self.wrong_state("pause", "Running")), Next::Continue),
+            },
+            ApiRequest::VmResume => match (&self.vm, self.state()) {
+                (Some(vm), Some(VmState::Paused)) => {
+                    vm.resume();
+                    self.paused = false;
+                    ok(Next::Continue)
+                }
+                _ => (Err(self.wrong_state("resume", "Paused")), Next::Continue),
+            },
+            ApiRequest::VmShutdown => match self.vm.take() {
+                Some(vm) => {
+                    drop(vm);
+                    tracing::info!("VM shut down through the API");
+                    ok(Next::Exit(exit_status::POWERED_OFF))
+                }
+                None => (
+                    Err(self.wrong_state("shut down", "Running or Paused")),
+                    Next::Continue,
+                ),
+            },
+            ApiRequest::VmCounters => match &self.vm {
+                Some(vm) => (Ok(Some(vm.counters())), Next::Continue),
+                None => (
+                    Err(self.wrong_state("read counters of", "Running or Paused")),
+                    Next::Continue,
+                ),
+            },
+            ApiRequest::VmmPing => (json_response(&VmmPingResponse::current()), Next::Continue),
+            ApiRequest::VmmShutdown => {
+                self.vm = None;
+                ok(Next::Exit(exit_status::POWERED_OFF))
+            }
+        }
+    }
+}
+
 /// Runs the VMM until the guest or a client ends it; returns the process exit status.
 pub fn run(options: VmmOptions) -> Result<u8, VmmError> {
     let started = Instant::now();
+    if options.config.is_none() && options.api_socket.is_none() {
+        return Err(VmmError::NothingToRun);
+    }
     let (tx, rx): (Sender<VmmEvent>, Receiver<VmmEvent>) = channel();
-    let notifier_tx = std::sync::Mutex::new(tx.clone());
+    let exit_tx = tx.clone();
     let on_exit: ExitNotifier = Arc::new(move |exit| {
-        let tx = notifier_tx.lock().unwrap_or_else(|e| e.into_inner());
-        // The loop only stops listening when the process is ending.
-        let _ = tx.send(VmmEvent::Guest(exit));
+        // The loop stops listening only when the process is ending anyway.
+        let _ = exit_tx.send(VmmEvent::Guest(exit));
     });
     let debugcon = options
         .debugcon
@@ -250,17 +393,47 @@ pub fn run(options: VmmOptions) -> Result<u8, VmmError> {
                 })
         })
         .transpose()?;
-    let Some(config) = options.config else {
-        return Err(VmmError::NothingToRun);
+    let mut vmm = Vmm {
+        config: options.config,
+        vm: None,
+        paused: false,
+        debugcon,
+        on_exit,
+        started,
     };
-    let vm = Vm::start(&config, debugcon, on_exit, started)?;
+    if vmm.config.is_some() {
+        vmm.boot()?;
+    }
+    // Started after the VM so that a client never sees a half-built VM; dropped (socket
+    // removed) when this function returns.
+    let _api = options
+        .api_socket
+        .as_deref()
+        .map(|path| {
+            let api_tx = tx.clone();
+            ApiServer::start(
+                path,
+                Box::new(move |msg| api_tx.send(VmmEvent::Api(msg)).is_ok()),
+            )
+        })
+        .transpose()?;
+    drop(tx);
     for event in rx {
-        match event {
+        let next = match event {
             VmmEvent::Guest(exit) => {
                 log_exit(&exit);
-                drop(vm);
-                return Ok(exit_code(&exit));
+                vmm.vm = None;
+                Next::Exit(exit_code(&exit))
             }
+            VmmEvent::Api(ApiMessage { request, reply }) => {
+                let (response, next) = vmm.handle_api(request);
+                // A client that hung up does not need its answer.
+                let _ = reply.send(response);
+                next
+            }
+        };
+        if let Next::Exit(code) = next {
+            return Ok(code);
         }
     }
     Ok(exit_status::VMM_ERROR)
