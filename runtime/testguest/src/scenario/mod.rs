@@ -1,0 +1,113 @@
+//! The scenarios a test picks with `scenario=NAME`. Each prints `testguest: ...` lines and
+//! returns Ok (the caller prints PASS and exits 0) or the reason it failed.
+
+mod hello;
+mod pci_list;
+mod rng;
+pub mod smp;
+
+use core::fmt;
+
+use crate::acpi::AcpiError;
+use crate::console::Message;
+use crate::msix::MsixError;
+use crate::pci::PciError;
+use crate::start_info::StartInfo;
+use crate::virtio::VirtioError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Hello,
+    Exit,
+    Smp,
+    Pci,
+    Rng,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 5] = [Self::Hello, Self::Exit, Self::Smp, Self::Pci, Self::Rng];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::Exit => "exit",
+            Self::Smp => "smp",
+            Self::Pci => "pci",
+            Self::Rng => "rng",
+        }
+    }
+
+    pub fn from_name(name: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name().as_bytes() == name)
+    }
+
+    pub fn from_index(index: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(index)).copied()
+    }
+
+    pub fn index(self) -> u8 {
+        Self::ALL.iter().position(|&s| s == self).unwrap_or(0) as u8
+    }
+
+    pub fn run(self, info: &StartInfo) -> Result<(), ScenarioError> {
+        match self {
+            // `exit` never gets here: main leaves before touching the serial port.
+            Self::Exit => Ok(()),
+            Self::Hello => hello::run(info),
+            Self::Smp => smp::run(info),
+            Self::Pci => pci_list::run(),
+            Self::Rng => rng::run(info),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ScenarioError {
+    Acpi(AcpiError),
+    Pci(PciError),
+    Msix(MsixError),
+    Virtio(VirtioError),
+    /// A check of the scenario itself failed.
+    Check(Message),
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Acpi(e) => write!(f, "{e}"),
+            Self::Pci(e) => write!(f, "{e}"),
+            Self::Msix(e) => write!(f, "{e}"),
+            Self::Virtio(e) => write!(f, "{e}"),
+            Self::Check(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<AcpiError> for ScenarioError {
+    fn from(e: AcpiError) -> Self {
+        Self::Acpi(e)
+    }
+}
+impl From<PciError> for ScenarioError {
+    fn from(e: PciError) -> Self {
+        Self::Pci(e)
+    }
+}
+impl From<MsixError> for ScenarioError {
+    fn from(e: MsixError) -> Self {
+        Self::Msix(e)
+    }
+}
+impl From<VirtioError> for ScenarioError {
+    fn from(e: VirtioError) -> Self {
+        Self::Virtio(e)
+    }
+}
+
+/// `check_failed!("fmt", args...)` builds a `ScenarioError::Check`.
+macro_rules! check_failed {
+    ($($arg:tt)*) => {
+        $crate::scenario::ScenarioError::Check($crate::console::Message::new(format_args!($($arg)*)))
+    };
+}
+pub(crate) use check_failed;
