@@ -1,3 +1,5 @@
 //! Emulated devices and the buses that route guest port and MMIO accesses to them.
 
 pub mod bus;
+pub mod pci;
+pub mod virtio;
