@@ -262,7 +262,12 @@ impl PciConfiguration {
                 .checked_add(data.len() as u64)
                 .is_some_and(|end| end <= 4);
         if !fits {
-            tracing::debug!(reg, offset, len = data.len(), "ignoring bad PCI config write");
+            tracing::debug!(
+                reg,
+                offset,
+                len = data.len(),
+                "ignoring bad PCI config write"
+            );
             return;
         }
         let mut value = 0u32;
@@ -343,7 +348,11 @@ mod tests {
             write32(&mut c, reg, u32::MAX);
         }
         assert_eq!(c.read_register(4), 0xffff_8000);
-        assert_eq!(c.read_register(6), 0x0000_000c, "64-bit prefetchable, 8 GiB");
+        assert_eq!(
+            c.read_register(6),
+            0x0000_000c,
+            "64-bit prefetchable, 8 GiB"
+        );
         assert_eq!(c.read_register(7), 0xffff_fffe);
         write32(&mut c, 6, 0);
         write32(&mut c, 7, 0x4);

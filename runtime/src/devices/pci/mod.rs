@@ -21,8 +21,11 @@ pub use allocator::AddressAllocator;
 pub use configuration::{
     BarKind, COMMAND_BUS_MASTER, COMMAND_MEMORY, NUM_BARS, PciBar, PciConfiguration, PciHeader,
 };
-pub use msix::{MSIX_CAP_ID, MSIX_PBA_ENTRY_BYTES, MSIX_TABLE_ENTRY_BYTES, Msix};
-pub use root::{HostBridge, PciConfigIo, PciRoot};
+pub use msix::{
+    MSIX_CAP_ID, MSIX_CONTROL_OFFSET, MSIX_CONTROL_WRITABLE, MSIX_PBA_ENTRY_BYTES,
+    MSIX_TABLE_ENTRY_BYTES, Msix,
+};
+pub use root::{HostBridge, PciConfigIo, PciRoot, SharedPciDevice};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,7 +44,9 @@ pub enum PciError {
          and a 32-bit one at most 2 GiB"
     )]
     InvalidBarSize(u64),
-    #[error("address {addr:#x} does not fit BAR {bar} (misaligned, or above 4 GiB for a 32-bit BAR)")]
+    #[error(
+        "address {addr:#x} does not fit BAR {bar} (misaligned, or above 4 GiB for a 32-bit BAR)"
+    )]
     InvalidBarAddress { bar: usize, addr: u64 },
     #[error("no room for a {0}-byte capability in the 256-byte configuration space")]
     CapabilitySpaceFull(usize),
@@ -67,7 +72,11 @@ pub struct PciBdf {
 
 impl std::fmt::Display for PciBdf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "0000:{:02x}:{:02x}.{}", self.bus, self.device, self.function)
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{}",
+            self.bus, self.device, self.function
+        )
     }
 }
 

@@ -228,10 +228,11 @@ impl Msix {
             tracing::warn!(vector, "cannot update the MSI route: {e}");
             return;
         }
-        if !masked && std::mem::take(&mut state.pending[v]) {
-            if let Err(e) = self.group.trigger(vector) {
-                tracing::warn!(vector, "cannot deliver a pending MSI-X vector: {e}");
-            }
+        if !masked
+            && std::mem::take(&mut state.pending[v])
+            && let Err(e) = self.group.trigger(vector)
+        {
+            tracing::warn!(vector, "cannot deliver a pending MSI-X vector: {e}");
         }
     }
 }
@@ -285,13 +286,22 @@ mod tests {
         let mut pba = [0u8; 8];
         msix.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0b10);
-        assert!(!vm.lapic_irr_has(0x52), "a masked vector must not reach the CPU");
+        assert!(
+            !vm.lapic_irr_has(0x52),
+            "a masked vector must not reach the CPU"
+        );
 
         msix.write_table(16 + 12, &0u32.to_le_bytes());
         msix.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
-        assert!(vm.wait_lapic_irr(0x52), "the pending vector is delivered on unmask");
-        assert!(matches!(msix.trigger(2), Err(InterruptError::NoSuchVector(2))));
+        assert!(
+            vm.wait_lapic_irr(0x52),
+            "the pending vector is delivered on unmask"
+        );
+        assert!(matches!(
+            msix.trigger(2),
+            Err(InterruptError::NoSuchVector(2))
+        ));
     }
 
     #[test]

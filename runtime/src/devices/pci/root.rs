@@ -230,9 +230,9 @@ impl PciRoot {
     fn update_mappings(&self, slot: &mut Slot, mmio32: &mut AddressAllocator) {
         let mut dev = lock_device(&slot.device);
         let wanted = dev.config().decoded_bars();
-        for bar in 0..NUM_BARS {
+        for (bar, wanted) in wanted.into_iter().enumerate() {
             let old = slot.mapped[bar];
-            if wanted[bar] == old {
+            if wanted == old {
                 continue;
             }
             let Some(size) = dev.config().bar(bar).map(|b| b.size) else {
@@ -241,7 +241,7 @@ impl PciRoot {
             if let Some(addr) = old {
                 self.unregister_ioeventfds(&*dev, bar, addr);
             }
-            let new = self.move_on_bus(&slot.device, bar, size, old, wanted[bar]);
+            let new = self.move_on_bus(&slot.device, bar, size, old, wanted);
             if let Some(addr) = new {
                 self.register_ioeventfds(&*dev, bar, addr);
             }
@@ -268,11 +268,10 @@ impl PciRoot {
         new: Option<u64>,
     ) -> Option<u64> {
         let result = match (old, new) {
-            (Some(o), Some(n)) => self.mmio_bus.relocate(o, n).or_else(|e| {
+            (Some(o), Some(n)) => self.mmio_bus.relocate(o, n).inspect_err(|_| {
                 // The guest believes the BAR moved; leaving it at the old address would
                 // answer accesses the guest no longer aims at this device.
                 let _ = self.mmio_bus.remove(o);
-                Err(e)
             }),
             (Some(o), None) => self.mmio_bus.remove(o).map(|_| ()),
             (None, Some(n)) => self.mmio_bus.insert(
@@ -503,7 +502,10 @@ mod tests {
             let at = IoEventAddress::Mmio(addr);
             match self.vm.vm.register_ioevent(&other, &at, NoDatamatch) {
                 Ok(()) => {
-                    self.vm.vm.unregister_ioevent(&other, &at, NoDatamatch).unwrap();
+                    self.vm
+                        .vm
+                        .unregister_ioevent(&other, &at, NoDatamatch)
+                        .unwrap();
                     false
                 }
                 Err(e) => {

@@ -4,7 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::memory::GuestMemoryMmap;
 
 use crate::vm::interrupt::InterruptRouter;
 
@@ -30,6 +34,58 @@ impl TestVm {
         vcpu.set_lapic(&lapic).expect("set LAPIC");
         let router = InterruptRouter::new(vm.clone()).expect("interrupt router");
         TestVm { vm, router, vcpu }
+    }
+
+    /// Makes `mem` (one region at guest address 0) the VM's RAM.
+    pub fn map_memory(&self, mem: &GuestMemoryMmap) {
+        let host = mem.get_host_address(GuestAddress(0)).expect("RAM at 0");
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: mem.last_addr().0 + 1,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the range is a single mapping owned by `mem`. Tests keep `mem` alive as
+        // long as the VM runs; were it unmapped first, guest accesses would fault inside
+        // KVM rather than touch other memory of this process.
+        unsafe { self.vm.set_user_memory_region(region) }.expect("map guest RAM");
+    }
+
+    /// Runs vCPU 0 from `entry` in 32-bit protected mode with flat segments until it
+    /// exits to userspace; describes the exit ("io-out 0xf4", "mmio-write 0x...").
+    pub fn run_protected(&mut self, entry: u64) -> String {
+        let flat = |selector, type_| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let mut sregs = self.vcpu.get_sregs().expect("get sregs");
+        sregs.cs = flat(0x8, 0xb);
+        let data = flat(0x10, 0x3);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.cr0 |= 1;
+        self.vcpu.set_sregs(&sregs).expect("set sregs");
+        let mut regs = self.vcpu.get_regs().expect("get regs");
+        regs.rip = entry;
+        regs.rflags = 2;
+        self.vcpu.set_regs(&regs).expect("set regs");
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, _)) => format!("io-out {port:#x}"),
+            Ok(VcpuExit::MmioWrite(addr, _)) => format!("mmio-write {addr:#x}"),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("error {e}"),
+        }
     }
 
     /// Whether `vector` is requested at vCPU 0's local APIC.
