@@ -1,6 +1,7 @@
 //! The VMM: builds the VM from its config, runs it, and answers the API until the guest
 //! or a client ends it. One VM per process.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,16 +12,20 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestAddressSpace;
 
 use crate::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServer, ApiServerError, VmInfo, VmState,
-    VmmPingResponse, json_response,
+    ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServer, ApiServerError, VmCounters, VmInfo,
+    VmState, VmmPingResponse, json_response,
 };
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
+use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::rng::{Rng, RngError, RngMetrics};
+use crate::devices::virtio::{VirtioError, add_virtio_device};
 use crate::layout::{
     ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUGCON_PORT, I8042_PORT,
+    PCI_CONFIG_ADDRESS_PORT,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::vm::cpu::{self, CpuError};
@@ -60,6 +65,10 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the virtio-rng device")]
+    Rng(#[from] RngError),
+    #[error("cannot add a virtio device")]
+    Virtio(#[from] VirtioError),
     #[error("cannot serve the API")]
     Api(#[from] ApiServerError),
     #[error("nothing to run: give a kernel (--kernel or --config) or an API socket (--api-socket)")]
@@ -95,6 +104,8 @@ pub struct Vm {
     vcpus: Vcpus,
     serial: Arc<SerialDevice>,
     debugcon: Arc<DebugConsole>,
+    rng_metrics: Option<Arc<RngMetrics>>,
+    _pci: Arc<PciRoot>,
     _router: Arc<InterruptRouter>,
     _vm_fd: Arc<VmFd>,
     _ram: GuestRam,
@@ -136,6 +147,16 @@ impl Vm {
             Arc::new(AcpiSleepControl(on_exit.clone())),
         )?;
 
+        let pci = PciRoot::new(mmio.clone(), vm_fd.clone());
+        pio.insert(PCI_CONFIG_ADDRESS_PORT as u64, 8, pci.config_io())?;
+        let mut rng_metrics = None;
+        if let Some(rng) = &config.rng {
+            let device = Rng::new(&rng.src)?;
+            rng_metrics = Some(device.metrics());
+            let bdf = add_virtio_device(&pci, Box::new(device), &router, ram.memory.clone())?;
+            tracing::debug!(%bdf, "virtio-rng added");
+        }
+
         let mem = ram.memory.memory();
         let entry = boot::load_payload(&mem, ram.size, &config.payload, vcpu_count)?;
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
@@ -162,6 +183,8 @@ impl Vm {
             vcpus,
             serial,
             debugcon,
+            rng_metrics,
+            _pci: pci,
             _router: router,
             _vm_fd: vm_fd,
             _ram: ram,
@@ -178,31 +201,41 @@ impl Vm {
     }
 
     /// Device and vCPU counters, by component.
-    pub fn counters(&self) -> serde_json::Value {
+    pub fn counters(&self) -> VmCounters {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut all = serde_json::Map::new();
+        let group = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let mut all = VmCounters::new();
         for (id, c) in self.vcpus.counters.iter().enumerate() {
-            let m: serde_json::Map<_, _> = c
-                .snapshot()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into()))
-                .collect();
-            all.insert(format!("vcpu{id}"), m.into());
+            all.insert(format!("vcpu{id}"), group(&c.snapshot()));
         }
         let s = &self.serial.counters;
         all.insert(
             "serial".into(),
-            serde_json::json!({
-                "tx_bytes": s.tx_bytes.load(Relaxed),
-                "tx_lost_bytes": s.tx_lost_bytes.load(Relaxed),
-                "rx_bytes": s.rx_bytes.load(Relaxed),
-            }),
+            group(&[
+                ("tx_bytes", s.tx_bytes.load(Relaxed)),
+                ("tx_lost_bytes", s.tx_lost_bytes.load(Relaxed)),
+                ("rx_bytes", s.rx_bytes.load(Relaxed)),
+            ]),
         );
         all.insert(
             "debugcon".into(),
-            serde_json::json!({ "bytes": self.debugcon.bytes.load(Relaxed) }),
+            group(&[("bytes", self.debugcon.bytes.load(Relaxed))]),
         );
-        all.into()
+        if let Some(m) = &self.rng_metrics {
+            all.insert(
+                "rng".into(),
+                group(&[
+                    ("activations", m.activations.load(Relaxed)),
+                    ("requests", m.requests.load(Relaxed)),
+                    ("bytes", m.bytes.load(Relaxed)),
+                    ("errors", m.errors.load(Relaxed)),
+                    ("interrupt_failures", m.interrupt_failures.load(Relaxed)),
+                ]),
+            );
+        }
+        all
     }
 }
 
@@ -352,7 +385,7 @@ impl Vmm {
                 ),
             },
             ApiRequest::VmCounters => match &self.vm {
-                Some(vm) => (Ok(Some(vm.counters())), Next::Continue),
+                Some(vm) => (json_response(&vm.counters()), Next::Continue),
                 None => (
                     Err(self.wrong_state("read counters of", "Running or Paused")),
                     Next::Continue,
