@@ -78,7 +78,7 @@ impl GuestRam {
     /// Creates `size` bytes of guest RAM in a memfd and maps it into this process.
     pub fn new(size: u64, hugepages: bool) -> Result<GuestRam, MemoryError> {
         let page = if hugepages { HUGEPAGE_SIZE } else { 4096 };
-        if size == 0 || size % page != 0 {
+        if size == 0 || !size.is_multiple_of(page) {
             return Err(MemoryError::Unaligned(size, page));
         }
         let mut flags = nix::sys::memfd::MFdFlags::MFD_CLOEXEC;

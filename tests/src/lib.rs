@@ -1,1 +1,17 @@
-//! Shared harness for end-to-end tests and benchmarks.
+//! Shared harness for ferrovirt's end-to-end tests and benchmarks: builds the test guest and
+//! the VMM, runs VMM processes under guards that leave nothing behind, talks to their REST API,
+//! fetches a real Debian kernel, and names kernel objects uniquely.
+
+pub mod artifacts;
+pub mod bzimage;
+pub mod http;
+pub mod kernel;
+pub mod names;
+pub mod process;
+pub mod vmm;
+
+pub use artifacts::{repo_root, testguest, try_testguest, try_vmm_binary, vmm_binary};
+pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
+pub use names::{CleanupGuard, NetNs, Tap, unique_name};
+pub use process::{GuardedProcess, ProcessExit, ScratchDir};
+pub use vmm::{VmmBuilder, VmmError, VmmProcess};

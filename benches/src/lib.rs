@@ -1,0 +1,14 @@
+//! ferrovirt's performance suite: each suite runs ferrovirt and its peer side by side in
+//! alternating rounds and writes medians and ratios to `benches/results/<suite>.{json,md}`.
+
+pub mod machine;
+pub mod report;
+pub mod stats;
+pub mod suites;
+
+use std::path::PathBuf;
+
+/// Where results go by default: `<repo>/benches/results`.
+pub fn default_results_dir() -> PathBuf {
+    ferrovirt_tests::repo_root().join("benches").join("results")
+}

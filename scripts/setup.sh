@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs what building and testing ferrovirt needs on Debian 12, and checks KVM.
+# Idempotent: installs only missing packages; safe to run on every CI run.
+set -euo pipefail
+
+# Debian packages the workspace and its tests use today:
+#   build-essential  cc and ld for linking Rust binaries; `as`/`ld` for small guest objects
+#   pkg-config       crates that look for system libraries
+#   qemu-system-x86  the benchmark peer (vmm-startup) and its tests
+#   iproute2         `ip` for the harness's netns/TAP guards
+#   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
+# Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Another apt may be running (unattended upgrades, a parallel setup): wait for its lock.
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+    as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+else
+    log "Debian packages present"
+fi
+
+# Rust: rustup and the pinned stable toolchain come with the machine; make sure the
+# components the checks use are there.
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (stable >= 1.95)"
+rust_version=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n' 1.95.0 "$rust_version" | sort -V | head -n1)" != 1.95.0 ]; then
+    die "rustc $rust_version is older than 1.95: run 'rustup update stable'"
+fi
+if command -v rustup >/dev/null; then
+    for component in rustfmt clippy; do
+        if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+            log "adding rustup component $component"
+            rustup component add "$component" || die "cannot add rustup component $component"
+        fi
+    done
+fi
+
+# KVM: the VMM and the QEMU peer need /dev/kvm read-write.
+if [ ! -e /dev/kvm ]; then
+    as_root modprobe kvm_intel 2>/dev/null || as_root modprobe kvm_amd 2>/dev/null || true
+fi
+[ -e /dev/kvm ] || die "/dev/kvm is missing: enable virtualization (VT-x/AMD-V, or nested virtualization on a VM) and load kvm_intel or kvm_amd"
+[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not read-write for $(id -un): run as root or join the kvm group"
+
+# TAP devices for the network tests.
+if [ ! -e /dev/net/tun ]; then
+    as_root modprobe tun 2>/dev/null || log "warning: /dev/net/tun missing and 'modprobe tun' failed; TAP tests will fail"
+fi
+
+log "ok"

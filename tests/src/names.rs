@@ -1,0 +1,230 @@
+//! Unique names for kernel objects (network namespaces, links, TAP devices) and guards that
+//! remove those objects on `Drop`, so tests run in parallel and leave nothing behind.
+//!
+//! Linux limits interface names to 15 bytes (IFNAMSIZ - 1); every name made here fits.
+
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::process::next_unique;
+
+/// The longest interface name Linux accepts.
+pub const MAX_IFNAME: usize = 15;
+/// Names made from one pid and counter value: 36^3 per process before they wrap.
+const COUNTER_SPAN: u64 = 36 * 36 * 36;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("cannot run `ip`: install iproute2")]
+    NoIp(#[source] std::io::Error),
+    #[error("`ip {args}` failed (are we root, is the tun module loaded?): {stderr}")]
+    Ip { args: String, stderr: String },
+}
+
+/// A name of at most 15 bytes: up to 5 bytes of `prefix`, then a base-36 code of this
+/// process's pid and a per-process counter, then two characters from the clock (so a name
+/// left behind by a killed earlier run with the same pid is not reused).
+pub fn unique_name(prefix: &str) -> String {
+    let id = u64::from(std::process::id()) * COUNTER_SPAN + next_unique() % COUNTER_SPAN;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let mut suffix = base36(id);
+    let salt = base36(u64::from(nanos) % (36 * 36));
+    suffix.push_str(&format!("{salt:0>2}"));
+    let room = MAX_IFNAME.saturating_sub(suffix.len());
+    let prefix: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(room.min(5))
+        .collect();
+    format!("{prefix}{suffix}")
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+type Cleanup = Box<dyn FnOnce(&str) + Send>;
+
+/// A named object and the function that removes it; the function runs once, on `Drop`.
+pub struct CleanupGuard {
+    name: String,
+    cleanup: Option<Cleanup>,
+}
+
+impl CleanupGuard {
+    pub fn new(name: impl Into<String>, cleanup: impl FnOnce(&str) + Send + 'static) -> Self {
+        CleanupGuard {
+            name: name.into(),
+            cleanup: Some(Box::new(cleanup)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Keeps the object: returns its name and skips the cleanup.
+    pub fn disarm(mut self) -> String {
+        self.cleanup = None;
+        std::mem::take(&mut self.name)
+    }
+}
+
+impl std::fmt::Debug for CleanupGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CleanupGuard")
+            .field("name", &self.name)
+            .field("armed", &self.cleanup.is_some())
+            .finish()
+    }
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup(&self.name);
+        }
+    }
+}
+
+/// Runs `ip ARGS`, returning its failure as an error.
+pub fn ip(args: &[&str]) -> Result<(), NameError> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(NameError::NoIp)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NameError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// A network namespace (`ip netns add`), deleted on `Drop`.
+#[derive(Debug)]
+pub struct NetNs {
+    guard: CleanupGuard,
+}
+
+impl NetNs {
+    pub fn create(prefix: &str) -> Result<NetNs, NameError> {
+        let name = unique_name(prefix);
+        ip(&["netns", "add", &name])?;
+        Ok(NetNs {
+            guard: CleanupGuard::new(name, |name| {
+                let _ = ip(&["netns", "del", name]);
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.guard.name()
+    }
+
+    /// The bind-mounted namespace file, for `setns` or `--netns`-style flags.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(self.name())
+    }
+}
+
+/// A TAP device in the current network namespace (`ip tuntap add`), deleted on `Drop`.
+#[derive(Debug)]
+pub struct Tap {
+    guard: CleanupGuard,
+}
+
+impl Tap {
+    /// `multi_queue` adds the `multi_queue` flag for multi-queue virtio-net backends.
+    pub fn create(prefix: &str, multi_queue: bool) -> Result<Tap, NameError> {
+        let name = unique_name(prefix);
+        let mut args = vec!["tuntap", "add", "dev", &name, "mode", "tap"];
+        if multi_queue {
+            args.push("multi_queue");
+        }
+        ip(&args)?;
+        Ok(Tap {
+            guard: CleanupGuard::new(name, |name| {
+                let _ = ip(&["link", "del", name]);
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.guard.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn names_fit_in_ifnamsiz_and_do_not_repeat() {
+        let mut seen = HashSet::new();
+        for prefix in ["", "t", "tap", "verylongprefix", "ns-ä!"] {
+            for _ in 0..200 {
+                let name = unique_name(prefix);
+                assert!(name.len() <= MAX_IFNAME, "{name}");
+                assert!(name.bytes().all(|b| b.is_ascii_alphanumeric()), "{name}");
+                assert!(seen.insert(name.clone()), "repeated {name}");
+            }
+        }
+        assert!(unique_name("tap").starts_with("tap"));
+    }
+
+    #[test]
+    fn cleanup_runs_once_on_drop_unless_disarmed() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let guard = CleanupGuard::new("x", move |name| {
+            assert_eq!(name, "x");
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        drop(guard);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let c = count.clone();
+        let kept = CleanupGuard::new("y", move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(kept.disarm(), "y");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn netns_exists_while_the_guard_lives() {
+        let ns = NetNs::create("t").unwrap_or_else(|e| panic!("{e}"));
+        let path = ns.path();
+        assert!(path.exists(), "{path:?}");
+        drop(ns);
+        assert!(!path.exists(), "{path:?} left behind");
+    }
+
+    #[test]
+    fn tap_exists_while_the_guard_lives() {
+        let tap = Tap::create("tap", false).unwrap_or_else(|e| panic!("{e}"));
+        let sys = std::path::Path::new("/sys/class/net").join(tap.name());
+        assert!(sys.exists());
+        drop(tap);
+        assert!(!sys.exists(), "{sys:?} left behind");
+    }
+}
