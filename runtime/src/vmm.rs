@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestAddressSpace;
 
 use crate::api::{
@@ -99,6 +99,18 @@ pub enum VmmEvent {
     Api(ApiMessage),
 }
 
+/// Devices built for a VM, before its vCPUs start.
+struct BuiltDevices {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    on_exit: ExitNotifier,
+    serial: Arc<SerialDevice>,
+    debugcon: Arc<DebugConsole>,
+    rng_metrics: Option<Arc<RngMetrics>>,
+    pci: Arc<PciRoot>,
+    router: Arc<InterruptRouter>,
+}
+
 /// A built and running VM. Dropping it stops the vCPUs before guest memory goes away.
 pub struct Vm {
     vcpus: Vcpus,
@@ -126,7 +138,60 @@ impl Vm {
         vm::check_memory_fits_host(config.memory.size_mib)?;
         let (kvm, vm_fd) = vm::create_vm(config.cpus.boot_vcpus)?;
         let ram = GuestRam::new(config.memory.size_mib << 20, config.memory.hugepages)?;
-        ram.register_with(&vm_fd)?;
+        // KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (~6 ms here, whatever
+        // the size); nothing else in the set-up needs the slot, so it runs alongside.
+        let (devices, fds) = std::thread::scope(|scope| {
+            let registration = scope.spawn(|| ram.register_with(&vm_fd));
+            let built =
+                Vm::build_devices_and_vcpus(config, &kvm, &vm_fd, &ram, debugcon, on_exit, started);
+            let registered = registration
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            registered?;
+            built
+        })?;
+        let BuiltDevices {
+            pio,
+            mmio,
+            on_exit,
+            serial,
+            debugcon,
+            rng_metrics,
+            pci,
+            router,
+        } = devices;
+        tracing::info!(
+            vcpus = vcpu_count,
+            memory_mib = config.memory.size_mib,
+            setup_us = started.elapsed().as_micros() as u64,
+            "starting guest"
+        );
+        let vcpus = Vcpus::start(fds, VcpuContext { pio, mmio, on_exit })?;
+        Ok(Vm {
+            vcpus,
+            serial,
+            debugcon,
+            rng_metrics,
+            _pci: pci,
+            _router: router,
+            _vm_fd: vm_fd,
+            _ram: ram,
+            _kvm: kvm,
+        })
+    }
+
+    /// Everything but the memory slot: devices, the payload in guest RAM and configured
+    /// vCPUs, ready to start.
+    fn build_devices_and_vcpus(
+        config: &VmConfig,
+        kvm: &Kvm,
+        vm_fd: &Arc<VmFd>,
+        ram: &GuestRam,
+        debugcon: Option<File>,
+        on_exit: ExitNotifier,
+        started: Instant,
+    ) -> Result<(BuiltDevices, Vec<VcpuFd>), VmmError> {
+        let vcpu_count = config.cpus.boot_vcpus.min(vm::MAX_XAPIC_VCPUS as u16) as u8;
         let router = InterruptRouter::new(vm_fd.clone())?;
 
         let pio = Arc::new(Bus::new());
@@ -159,7 +224,8 @@ impl Vm {
 
         let mem = ram.memory.memory();
         let entry = boot::load_payload(&mem, ram.size, &config.payload, vcpu_count)?;
-        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        tracing::debug!(?entry, "payload loaded");
+        let base_cpuid = cpu::supported_cpuid(kvm)?;
         let mut fds = Vec::with_capacity(vcpu_count as usize);
         for id in 0..vcpu_count {
             let fd = vm_fd
@@ -171,25 +237,17 @@ impl Vm {
             }
             fds.push(fd);
         }
-        tracing::info!(
-            vcpus = vcpu_count,
-            memory_mib = config.memory.size_mib,
-            ?entry,
-            setup_us = started.elapsed().as_micros() as u64,
-            "starting guest"
-        );
-        let vcpus = Vcpus::start(fds, VcpuContext { pio, mmio, on_exit })?;
-        Ok(Vm {
-            vcpus,
+        let devices = BuiltDevices {
+            pio,
+            mmio,
+            on_exit,
             serial,
             debugcon,
             rng_metrics,
-            _pci: pci,
-            _router: router,
-            _vm_fd: vm_fd,
-            _ram: ram,
-            _kvm: kvm,
-        })
+            pci,
+            router,
+        };
+        Ok((devices, fds))
     }
 
     pub fn pause(&self) {

@@ -77,8 +77,15 @@ impl BusDevice for DebugConsole {
     }
     fn write(&self, _base: u64, _offset: u64, data: &[u8]) {
         if self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) == 0 {
+            let usage =
+                nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok();
+            let cpu_us = usage.map_or(0, |u| {
+                let t = u.user_time() + u.system_time();
+                t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64
+            });
             tracing::info!(
                 elapsed_us = self.started.elapsed().as_micros() as u64,
+                cpu_us,
                 "first debug console byte from the guest"
             );
         }

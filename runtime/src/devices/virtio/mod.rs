@@ -2,7 +2,9 @@
 //!
 //! # Wiring (what the VMM calls)
 //!
-//! ```ignore
+//! `vmm::Vm::start` does it like this:
+//!
+//! ```text
 //! let root = PciRoot::new(mmio_bus.clone(), vm.clone());          // bus 0 + host bridge
 //! pio_bus.insert(0xcf8, 8, root.config_io())?;                    // mechanism #1
 //! let rng = Rng::new(Rng::DEFAULT_SOURCE)?;                       // opens /dev/urandom

@@ -5,6 +5,7 @@ mod hello;
 mod pci_list;
 mod rng;
 pub mod smp;
+mod ticker;
 
 use core::fmt;
 
@@ -22,10 +23,18 @@ pub enum Scenario {
     Smp,
     Pci,
     Rng,
+    Ticker,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [Self::Hello, Self::Exit, Self::Smp, Self::Pci, Self::Rng];
+    const ALL: [Scenario; 6] = [
+        Self::Hello,
+        Self::Exit,
+        Self::Smp,
+        Self::Pci,
+        Self::Rng,
+        Self::Ticker,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,6 +43,7 @@ impl Scenario {
             Self::Smp => "smp",
             Self::Pci => "pci",
             Self::Rng => "rng",
+            Self::Ticker => "ticker",
         }
     }
 
@@ -57,6 +67,7 @@ impl Scenario {
             Self::Smp => smp::run(info),
             Self::Pci => pci_list::run(),
             Self::Rng => rng::run(info),
+            Self::Ticker => ticker::run(),
         }
     }
 }
