@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Boots the example VM standalone and shows its serial console on this terminal:
-# the test guest under the release ferrovirt-vmm.
-#   SCENARIO=hello   which test-guest scenario to run (hello, exit, smp, pci, rng)
-#   CPUS=1 MEMORY=64 vCPUs and guest memory in MiB
-#   SKIP_SETUP=1     skip scripts/setup.sh
-# Extra arguments go to ferrovirt-vmm (e.g. --rng).
+# Sets everything up and boots the example VM standalone, its serial console on this
+# terminal: examples/testguest-vm.json (the ring-3 test guest, 2 vCPUs, virtio-rng) under
+# the release ferrovirt-vmm.
+#   VM=examples/testguest-vm.json  the VM description (a VmConfig, see runtime/src/api/openapi.yaml)
+#   SKIP_SETUP=1                   skip scripts/setup.sh
+# Extra arguments go to ferrovirt-vmm (e.g. --api-socket /tmp/vm.sock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,18 +12,11 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
     scripts/setup.sh
 fi
 
-[ -f runtime/testguest/Cargo.toml ] || {
-    echo "run-example: runtime/testguest/Cargo.toml is missing; the example boots the test guest" >&2
-    exit 1
-}
 echo "run-example: building the test guest and the VMM" >&2
 (cd runtime/testguest && cargo build --release --target-dir ../../target/testguest)
 cargo build --release -p ferrovirt-runtime --bin ferrovirt-vmm
 
-guest=target/testguest/release/ferrovirt-testguest
-vmm=target/release/ferrovirt-vmm
-cmd=("$vmm" --kernel "$guest" --cmdline "scenario=${SCENARIO:-hello}"
-     --cpus "${CPUS:-1}" --memory "${MEMORY:-64}" --serial tty "$@")
+cmd=(target/release/ferrovirt-vmm --config "${VM:-examples/testguest-vm.json}" "$@")
 echo "run-example: ${cmd[*]}" >&2
 echo "---- guest console ----" >&2
 set +e
