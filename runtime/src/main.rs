@@ -17,7 +17,12 @@ Exit status:
   2    bad command line
   3    the guest reset itself (i8042 reset); restarting is the supervisor's job
   4    the guest crashed (triple fault, failed entry, KVM internal error)
-  N    the guest wrote N to the debug-exit port (0xf4)";
+  N    the guest wrote N to the debug-exit port (0xf4)
+  128+N  stopped by signal N (SIGTERM, SIGINT, SIGHUP): the VM was torn down and the
+       sockets removed
+
+Environment:
+  FERROVIRT_LOG  log level on stderr: error, warn (default), info, debug, trace";
 
 /// Runs one KVM virtual machine: boots a Linux kernel (ELF vmlinux with or without a PVH
 /// note, or bzImage) directly, with a serial console, virtio-pci devices and a REST API.

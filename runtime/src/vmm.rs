@@ -11,6 +11,8 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestAddressSpace;
 
+use nix::sys::signal::{SigSet, Signal};
+
 use crate::api::{
     ApiError, ApiMessage, ApiRequest, ApiResponse, ApiServer, ApiServerError, VmCounters, VmInfo,
     VmState, VmmPingResponse, json_response,
@@ -71,6 +73,10 @@ pub enum VmmError {
     Virtio(#[from] VirtioError),
     #[error("cannot serve the API")]
     Api(#[from] ApiServerError),
+    #[error("cannot block SIGTERM/SIGINT/SIGHUP for the signal thread")]
+    Signals(#[source] nix::Error),
+    #[error("cannot start the signal thread")]
+    SignalThread(#[source] std::io::Error),
     #[error("nothing to run: give a kernel (--kernel or --config) or an API socket (--api-socket)")]
     NothingToRun,
 }
@@ -81,6 +87,8 @@ pub mod exit_status {
     pub const VMM_ERROR: u8 = 1;
     pub const GUEST_RESET: u8 = 3;
     pub const GUEST_CRASHED: u8 = 4;
+    /// Stopped by signal N: 128 + N, as a shell reports a process killed by it.
+    pub const SIGNALLED_BASE: u8 = 128;
 }
 
 /// What the VMM process does, as main.rs hands it over.
@@ -97,6 +105,33 @@ pub struct VmmOptions {
 pub enum VmmEvent {
     Guest(GuestExit),
     Api(ApiMessage),
+    /// SIGTERM, SIGINT or SIGHUP: stop the VM and clean up before exiting.
+    Signal(Signal),
+}
+
+/// Signals that end the VMM cleanly (sockets removed, VM torn down) instead of killing it.
+const STOP_SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
+
+/// Blocks the stop signals in this thread and every thread it starts later, and turns
+/// them into events from a thread of their own (sigwait), so the control loop handles a
+/// SIGTERM like any other request.
+fn forward_stop_signals(tx: Sender<VmmEvent>) -> Result<(), VmmError> {
+    let mut mask = SigSet::empty();
+    for signal in STOP_SIGNALS {
+        mask.add(signal);
+    }
+    mask.thread_block().map_err(VmmError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(signal) = mask.wait() {
+                if tx.send(VmmEvent::Signal(signal)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(VmmError::SignalThread)?;
+    Ok(())
 }
 
 /// Devices built for a VM, before its vCPUs start.
@@ -465,6 +500,8 @@ pub fn run(options: VmmOptions) -> Result<u8, VmmError> {
         return Err(VmmError::NothingToRun);
     }
     let (tx, rx): (Sender<VmmEvent>, Receiver<VmmEvent>) = channel();
+    // Before any other thread exists, so that all of them inherit the blocked mask.
+    forward_stop_signals(tx.clone())?;
     let exit_tx = tx.clone();
     let on_exit: ExitNotifier = Arc::new(move |exit| {
         // The loop stops listening only when the process is ending anyway.
@@ -515,6 +552,11 @@ pub fn run(options: VmmOptions) -> Result<u8, VmmError> {
                 log_exit(&exit);
                 vmm.vm = None;
                 Next::Exit(exit_code(&exit))
+            }
+            VmmEvent::Signal(signal) => {
+                tracing::info!(%signal, "stopping the VM");
+                vmm.vm = None;
+                Next::Exit(exit_status::SIGNALLED_BASE + signal as u8)
             }
             VmmEvent::Api(ApiMessage { request, reply }) => {
                 let (response, next) = vmm.handle_api(request);

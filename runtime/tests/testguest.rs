@@ -158,3 +158,23 @@ impl Drop for HugepageReservation {
         let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
     }
 }
+
+#[test]
+fn the_readme_example_manifest_boots() {
+    // scripts/run-example.sh runs `ferrovirt-vmm --config examples/testguest-vm.json` from
+    // the repository root; its kernel path must be where the test guest is built.
+    let root = ferrovirt_tests::repo_root();
+    let text = std::fs::read_to_string(root.join("examples/testguest-vm.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let kernel = root.join(config["payload"]["kernel"].as_str().unwrap());
+    assert_eq!(kernel, testguest(), "the example names another kernel path");
+    config["payload"]["kernel"] = kernel.display().to_string().into();
+    let dir = ferrovirt_tests::ScratchDir::new("example").unwrap();
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut vmm = VmmProcess::spawn("example", ["--config", path.to_str().unwrap()]).unwrap();
+    let status = vmm.wait_timeout(BOOT_TIMEOUT).unwrap();
+    let out = vmm.serial_output();
+    assert_eq!(status.code(), Some(0), "{out}\n{}", vmm.stderr_output());
+    assert!(out.contains("testguest: PASS"), "{out}");
+}
