@@ -26,6 +26,17 @@ fn api_vmm(name: &str) -> VmmProcess {
     vmm
 }
 
+/// `PUT /vm.create` of a 64 MiB VM booting `kernel` with `cmdline`; asserts 204.
+fn create(vmm: &VmmProcess, kernel: &std::path::Path, cmdline: &str) {
+    let config = serde_json::json!({
+        "memory": {"size_mib": 64},
+        "payload": {"kernel": kernel, "cmdline": cmdline},
+    })
+    .to_string();
+    let (status, body) = vmm.api("PUT", "/api/v1/vm.create", Some(&config)).unwrap();
+    assert_eq!(status, 204, "{body}");
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -168,17 +179,7 @@ fn api_rejects_malformed_and_invalid_configs_with_400() {
 #[test]
 fn a_vm_that_fails_to_boot_reports_why_and_the_vmm_stays_up() {
     let vmm = api_vmm("boot-fails");
-    let config = serde_json::json!({
-        "memory": {"size_mib": 64},
-        "payload": {"kernel": "/etc/hostname"},
-    })
-    .to_string();
-    assert_eq!(
-        vmm.api("PUT", "/api/v1/vm.create", Some(&config))
-            .unwrap()
-            .0,
-        204
-    );
+    create(&vmm, std::path::Path::new("/etc/hostname"), "");
     let (status, body) = vmm.api("PUT", "/api/v1/vm.boot", None).unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -191,17 +192,7 @@ fn a_vm_that_fails_to_boot_reports_why_and_the_vmm_stays_up() {
 #[test]
 fn guest_exit_ends_an_api_driven_vmm_with_the_guest_status() {
     let mut vmm = api_vmm("guest-exit");
-    let config = serde_json::json!({
-        "memory": {"size_mib": 64},
-        "payload": {"kernel": testguest(), "cmdline": "scenario=nonexistent"},
-    })
-    .to_string();
-    assert_eq!(
-        vmm.api("PUT", "/api/v1/vm.create", Some(&config))
-            .unwrap()
-            .0,
-        204
-    );
+    create(&vmm, &testguest(), "scenario=nonexistent");
     assert_eq!(vmm.api("PUT", "/api/v1/vm.boot", None).unwrap().0, 204);
     // The test guest answers an unknown scenario with debug-exit 34.
     assert_eq!(vmm.wait_timeout(TIMEOUT).unwrap().code(), Some(34));
