@@ -1,10 +1,12 @@
 //! ACPI: find the RSDP (from `hvm_start_info` or by scanning the BIOS area), walk the
-//! XSDT/RSDT to the MADT, and list its processors (ACPI 6.5 §5.2.5, §5.2.12).
+//! XSDT/RSDT to the MADT and list its processors (ACPI 6.5 §5.2.5, §5.2.12), or to the FADT
+//! and DSDT for the hardware-reduced way to power off (§4.8.3.7, §5.2.9, §7.4.2).
 
 use core::fmt;
 
 use crate::boot::MAX_CPUS;
 use crate::phys;
+use crate::port::{outb, outl, outw};
 
 const RSDP_SIGNATURE: &[u8; 8] = b"RSD PTR ";
 const SDT_HEADER_SIZE: u64 = 36;
@@ -14,12 +16,40 @@ const BIOS_AREA: (u64, u64) = (0xe_0000, 0x10_0000);
 const BDA_EBDA_SEGMENT: u64 = 0x40e;
 /// The xAPIC default when the MADT does not say otherwise.
 pub const DEFAULT_LAPIC_ADDRESS: u64 = 0xfee0_0000;
+/// FADT offsets (ACPI 6.5 Table 5.9): DSDT (u32), X_DSDT (u64), SLEEP_CONTROL_REG (GAS).
+const FADT_DSDT: u64 = 40;
+const FADT_X_DSDT: u64 = 140;
+const FADT_SLEEP_CONTROL_REG: u64 = 244;
+const GAS_SIZE: u64 = 12;
+/// GAS address space ID of port I/O.
+const GAS_SYSTEM_IO: u8 = 1;
+/// AML opcodes (ACPI 6.5 §20.2) that can start `\_S5`'s package and its first element.
+const AML_PACKAGE_OP: u8 = 0x12;
+const AML_ZERO_OP: u8 = 0x00;
+const AML_ONE_OP: u8 = 0x01;
+const AML_BYTE_PREFIX: u8 = 0x0a;
 
 #[derive(Debug, Clone, Copy)]
 pub enum AcpiError {
     NoRsdp,
-    BadTable { signature: [u8; 4], addr: u64 },
+    BadTable {
+        signature: [u8; 4],
+        addr: u64,
+    },
     NoMadt,
+    NoFadt,
+    /// The FADT ends before SLEEP_CONTROL_REG (it is older than ACPI 5.0).
+    NoSleepControl {
+        fadt_len: u64,
+    },
+    /// SLEEP_CONTROL_REG is in an address space other than port I/O (or has no address).
+    UnsupportedRegister(Gas),
+    /// The DSDT has no `_S5_` name followed by a package.
+    NoS5,
+    /// `\_S5`'s first element is not an integer this parser reads.
+    BadS5 {
+        opcode: u8,
+    },
 }
 
 impl fmt::Display for AcpiError {
@@ -37,6 +67,27 @@ impl fmt::Display for AcpiError {
             Self::NoMadt => write!(
                 f,
                 "the XSDT/RSDT lists no MADT (\"APIC\"); the VMM must describe its CPUs"
+            ),
+            Self::NoFadt => write!(
+                f,
+                "the XSDT/RSDT lists no FADT (\"FACP\"); the VMM must provide one to power off"
+            ),
+            Self::NoSleepControl { fadt_len } => write!(
+                f,
+                "the FADT is {fadt_len} bytes, too short for SLEEP_CONTROL_REG at {FADT_SLEEP_CONTROL_REG}; a hardware-reduced VMM needs an ACPI 5+ FADT"
+            ),
+            Self::UnsupportedRegister(gas) => write!(
+                f,
+                "SLEEP_CONTROL_REG is space {} address {:#x} width {} access {}; this guest writes only port I/O (space 1) registers",
+                gas.space, gas.address, gas.bit_width, gas.access_size
+            ),
+            Self::NoS5 => write!(
+                f,
+                "the DSDT has no _S5_ package; the VMM must define \\_S5 to say how to power off"
+            ),
+            Self::BadS5 { opcode } => write!(
+                f,
+                "the first element of \\_S5 starts with AML opcode {opcode:#04x}; expected BytePrefix, ZeroOp or OneOp"
             ),
         }
     }
@@ -193,4 +244,101 @@ pub fn madt_cpus(rsdp: u64) -> Result<MadtCpus, AcpiError> {
         at += len;
     }
     Ok(cpus)
+}
+
+/// An ACPI Generic Address Structure (ACPI 6.5 §5.2.3.2).
+#[derive(Debug, Clone, Copy)]
+pub struct Gas {
+    pub space: u8,
+    pub bit_width: u8,
+    pub bit_offset: u8,
+    /// 0 undefined (use `bit_width`), 1 byte, 2 word, 3 dword, 4 qword.
+    pub access_size: u8,
+    pub address: u64,
+}
+
+impl Gas {
+    fn read(addr: u64) -> Self {
+        Self {
+            space: phys::read_u8(addr),
+            bit_width: phys::read_u8(addr + 1),
+            bit_offset: phys::read_u8(addr + 2),
+            access_size: phys::read_u8(addr + 3),
+            address: phys::read_le64(addr + 4),
+        }
+    }
+
+    /// Writes `value` (shifted to `bit_offset`) to a port I/O register with its access size.
+    pub fn write(&self, value: u32) -> Result<(), AcpiError> {
+        let unsupported = AcpiError::UnsupportedRegister(*self);
+        let port = u16::try_from(self.address).map_err(|_| unsupported)?;
+        if self.space != GAS_SYSTEM_IO || port == 0 {
+            return Err(unsupported);
+        }
+        let value = value
+            .checked_shl(u32::from(self.bit_offset))
+            .ok_or(unsupported)?;
+        match (self.access_size, self.bit_width) {
+            (1, _) | (0, 8) => outb(port, value as u8),
+            (2, _) | (0, 16) => outw(port, value as u16),
+            (3, _) | (0, 32) => outl(port, value),
+            _ => return Err(unsupported),
+        }
+        Ok(())
+    }
+}
+
+/// What the FADT says about sleeping: the sleep control register and the DSDT's address.
+#[derive(Debug, Clone, Copy)]
+pub struct FadtSleep {
+    pub sleep_control: Gas,
+    pub dsdt: u64,
+}
+
+/// Reads SLEEP_CONTROL_REG and the DSDT address (X_DSDT, else DSDT) from the FADT.
+pub fn fadt_sleep(rsdp: u64) -> Result<FadtSleep, AcpiError> {
+    let fadt = find_table(rsdp, b"FACP")?.ok_or(AcpiError::NoFadt)?;
+    if fadt.len < FADT_SLEEP_CONTROL_REG + GAS_SIZE {
+        return Err(AcpiError::NoSleepControl { fadt_len: fadt.len });
+    }
+    let x_dsdt = phys::read_le64(fadt.addr + FADT_X_DSDT);
+    let dsdt = if x_dsdt != 0 {
+        x_dsdt
+    } else {
+        u64::from(phys::read_le32(fadt.addr + FADT_DSDT))
+    };
+    Ok(FadtSleep {
+        sleep_control: Gas::read(fadt.addr + FADT_SLEEP_CONTROL_REG),
+        dsdt,
+    })
+}
+
+/// SLP_TYP for S5: the first element of `Name (_S5, Package () { typ, ... })` in the DSDT.
+///
+/// A pattern match on the AML, not an interpreter: it finds the name `_S5_` directly
+/// followed by PackageOp, skips the PkgLength and NumElements, and reads an integer given
+/// as BytePrefix + byte, ZeroOp or OneOp.
+pub fn s5_sleep_type(dsdt_addr: u64) -> Result<u8, AcpiError> {
+    let dsdt = Sdt::read(dsdt_addr)?;
+    let end = dsdt.addr + dsdt.len;
+    let byte = |at: u64| (at < end).then(|| phys::read_u8(at)).ok_or(AcpiError::NoS5);
+    let name = (dsdt.addr + SDT_HEADER_SIZE..end.saturating_sub(4))
+        .find(|&at| {
+            (0..4).all(|i| phys::read_u8(at + i) == b"_S5_"[i as usize])
+                && phys::read_u8(at + 4) == AML_PACKAGE_OP
+        })
+        .ok_or(AcpiError::NoS5)?;
+    // PkgLength: bits 7-6 of the lead byte count the bytes that follow it (ACPI 6.5 §20.2.4).
+    let pkg_length = name + 5;
+    let num_elements = pkg_length + 1 + u64::from(byte(pkg_length)? >> 6);
+    if byte(num_elements)? == 0 {
+        return Err(AcpiError::NoS5);
+    }
+    let element = num_elements + 1;
+    match byte(element)? {
+        AML_BYTE_PREFIX => byte(element + 1),
+        AML_ZERO_OP => Ok(0),
+        AML_ONE_OP => Ok(1),
+        opcode => Err(AcpiError::BadS5 { opcode }),
+    }
 }

@@ -4,8 +4,8 @@
 //! Guest ring-0 code is emulated about 1000x slower than ring 3 on our platform, so ring 0
 //! does the minimum: load the GDT and the (static, pre-assembled) page tables, enable long
 //! mode and SSE, and `iretq` to ring 3 with IOPL=3 (port I/O allowed) and IF=0. Every Rust
-//! function runs in ring 3. There is no IDT: an exception triple-faults, which the VMM
-//! reports as a crash.
+//! function runs in ring 3. There is no IDT (the BSP loads one with limit 0): an exception
+//! triple-faults, which the VMM reports as a crash.
 //!
 //! Layout facts relied on elsewhere:
 //! * the low 4 GiB are identity-mapped with 2 MiB user pages (MMIO above 3 GiB uncached),
@@ -46,6 +46,7 @@ pvh_entry:
     /* First instruction: the startup benchmark times the arrival of this byte. */
     outb %al, $0xe9
     lgdt gdt_pointer
+    lidt idt_pointer
     movl $0x620, %eax
     movl %eax, %cr4
     movl $pml4, %eax
@@ -164,6 +165,13 @@ gdt_end:
 gdt_pointer:
     .word gdt_end - gdt - 1
     .quad gdt
+
+    /* An empty IDT: every exception fails to deliver and ends in a triple fault, whatever
+       the IDTR held at entry (reset state: base 0, limit 0xffff over whatever is at 0). */
+    .balign 8
+idt_pointer:
+    .word 0
+    .quad 0
 
     .section .stacks, "aw", @nobits
     .balign 4096

@@ -49,8 +49,9 @@ extern "C" fn bsp_main(start_info_addr: u32) -> ! {
     let Some(scenario) = Scenario::from_name(name) else {
         serial::init();
         say!(
-            "FAIL {}: unknown scenario (known: hello exit smp pci rng)",
-            console::Ascii(name)
+            "FAIL {}: unknown scenario (known: {})",
+            console::Ascii(name),
+            scenario::KnownNames
         );
         shutdown::exit(ExitCode::UnknownScenario);
     };

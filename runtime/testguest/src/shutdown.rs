@@ -8,8 +8,9 @@ const DEBUG_EXIT_PORT: u16 = 0xf4;
 const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// SLP_TYP = 5 (the VMM's `\_S5`) << 2 | SLP_EN.
 const ACPI_SLEEP_S5: u8 = (5 << 2) | (1 << 5);
-const I8042_COMMAND_PORT: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
+/// i8042 command port and its "pulse the reset line" command.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+pub const I8042_RESET: u8 = 0xfe;
 
 /// Exit statuses written to the debug-exit port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,6 +9,8 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// `hvm_start_info` is 56 bytes in version 1 (memmap fields added).
 const START_INFO_V1_SIZE: u64 = 56;
 const MEMMAP_ENTRY_SIZE: u64 = 24;
+/// `hvm_modlist_entry`: paddr, size, cmdline_paddr, reserved (all u64).
+const MODLIST_ENTRY_SIZE: u64 = 32;
 const CMDLINE_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
@@ -55,11 +57,19 @@ impl MemmapEntry {
     }
 }
 
+/// One boot module (`hvm_modlist_entry`): the initramfs, if the loader was given one.
+#[derive(Debug, Clone, Copy)]
+pub struct Module {
+    pub paddr: u64,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct StartInfo {
     pub version: u32,
     pub flags: u32,
     pub nr_modules: u32,
+    pub modlist_paddr: u64,
     pub cmdline_paddr: u64,
     pub rsdp_paddr: u64,
     /// Zero for version 0.
@@ -87,6 +97,7 @@ impl StartInfo {
             version,
             flags: phys::read::<u32>(addr + 8),
             nr_modules: phys::read::<u32>(addr + 12),
+            modlist_paddr: phys::read::<u64>(addr + 16),
             cmdline_paddr: phys::read::<u64>(addr + 24),
             rsdp_paddr: phys::read::<u64>(addr + 32),
             memmap_paddr,
@@ -124,6 +135,25 @@ impl StartInfo {
                 addr: phys::read::<u64>(entry),
                 size: phys::read::<u64>(entry + 8),
                 kind: phys::read::<u32>(entry + 16),
+            }
+        })
+    }
+
+    /// The boot modules (none if the list is absent or not identity-mapped).
+    pub fn modules(&self) -> impl Iterator<Item = Module> {
+        let base = self.modlist_paddr;
+        // QEMU's PVH option ROM (built for i386, where u64 aligns to 4) may leave the list
+        // unaligned: read it bytewise.
+        let count = if phys::is_mapped(base, u64::from(self.nr_modules) * MODLIST_ENTRY_SIZE) {
+            u64::from(self.nr_modules)
+        } else {
+            0
+        };
+        (0..count).map(move |i| {
+            let entry = base + i * MODLIST_ENTRY_SIZE;
+            Module {
+                paddr: phys::read_le64(entry),
+                size: phys::read_le64(entry + 8),
             }
         })
     }

@@ -1,8 +1,11 @@
 //! The scenarios a test picks with `scenario=NAME`. Each prints `testguest: ...` lines and
 //! returns Ok (the caller prints PASS and exits 0) or the reason it failed.
 
+mod fault;
 mod hello;
 mod pci_list;
+mod poweroff;
+mod reset;
 mod rng;
 pub mod smp;
 mod ticker;
@@ -24,16 +27,22 @@ pub enum Scenario {
     Pci,
     Rng,
     Ticker,
+    Poweroff,
+    Reset,
+    Fault,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 9] = [
         Self::Hello,
         Self::Exit,
         Self::Smp,
         Self::Pci,
         Self::Rng,
         Self::Ticker,
+        Self::Poweroff,
+        Self::Reset,
+        Self::Fault,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +53,9 @@ impl Scenario {
             Self::Pci => "pci",
             Self::Rng => "rng",
             Self::Ticker => "ticker",
+            Self::Poweroff => "poweroff",
+            Self::Reset => "reset",
+            Self::Fault => "fault",
         }
     }
 
@@ -68,7 +80,25 @@ impl Scenario {
             Self::Pci => pci_list::run(),
             Self::Rng => rng::run(info),
             Self::Ticker => ticker::run(),
+            Self::Poweroff => poweroff::run(info),
+            Self::Reset => reset::run(),
+            Self::Fault => fault::run(),
         }
+    }
+}
+
+/// Displays every scenario name, space-separated (for the unknown-scenario FAIL line).
+pub struct KnownNames;
+
+impl fmt::Display for KnownNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in Scenario::ALL.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(s.name())?;
+        }
+        Ok(())
     }
 }
 
