@@ -178,3 +178,52 @@ fn the_readme_example_manifest_boots() {
     assert_eq!(status.code(), Some(0), "{out}\n{}", vmm.stderr_output());
     assert!(out.contains("testguest: PASS"), "{out}");
 }
+
+#[test]
+fn acpi_s5_from_the_guest_powers_the_vm_off() {
+    // The guest finds the sleep control register in our FADT and SLP_TYP in our DSDT's
+    // \_S5, as Linux does; it has no debug-exit fallback on this path.
+    let (code, out, err) = run_guest("poweroff", "poweroff", &[]);
+    assert!(
+        out.contains("poweroff sleep_control=0x600 slp_typ=5"),
+        "{out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+    assert_eq!(code, Some(0), "serial:\n{out}\nstderr:\n{err}");
+}
+
+#[test]
+fn i8042_reset_ends_the_vmm_with_the_reset_status() {
+    let (code, out, err) = run_guest("reset", "reset", &[]);
+    assert!(out.contains("reset via i8042"), "{out}");
+    assert_eq!(code, Some(3), "serial:\n{out}\nstderr:\n{err}");
+}
+
+#[test]
+fn a_triple_fault_is_reported_as_a_crash() {
+    let (code, out, err) = run_guest("fault", "fault", &[]);
+    assert!(out.contains("fault: executing ud2 in ring 3"), "{out}");
+    assert_eq!(code, Some(4), "serial:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("triple-faulted"), "{err}");
+}
+
+#[test]
+fn the_initramfs_reaches_the_guest_as_a_pvh_module() {
+    let dir = ferrovirt_tests::ScratchDir::new("initramfs").unwrap();
+    let initramfs = dir.join("initrd.img");
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
+    std::fs::write(&initramfs, &bytes).unwrap();
+    let path = initramfs.display().to_string();
+    let (code, out, err) = run_guest("initramfs", "hello", &["--initramfs", &path]);
+    assert_eq!(code, Some(0), "serial:\n{out}\nstderr:\n{err}");
+    let head: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("testguest: module 0 "))
+        .unwrap_or_else(|| panic!("no module line:\n{out}"));
+    assert!(
+        line.contains(&format!("size={} head={head}", bytes.len())),
+        "{line}"
+    );
+    assert!(out.contains("modules=1"), "{out}");
+}
