@@ -1,8 +1,8 @@
 //! x86_64 vCPU set-up: CPUID, MSRs, FPU, LAPIC and the registers of the boot entry.
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs,
-    kvm_segment, kvm_sregs,
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -66,9 +66,32 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
         .map_err(CpuError::SupportedCpuid)
 }
 
-/// CPUID for vCPU `id`: the host's supported set, with this vCPU's APIC ID and topology.
-fn vcpu_cpuid(base: &CpuId, id: u8, vcpus: u8) -> CpuId {
+/// Hypervisor timing leaf (VMware's convention, read by many guests): EAX = TSC kHz,
+/// EBX = local APIC timer kHz. KVM's APIC timer counts nanoseconds: 1 GHz.
+const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+const KVM_APIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// CPUID for vCPU `id`: the host's supported set, with this vCPU's APIC ID and topology,
+/// and the TSC frequency when KVM knows it (so guests need not calibrate).
+fn vcpu_cpuid(base: &CpuId, id: u8, vcpus: u8, tsc_khz: Option<u32>) -> CpuId {
     let mut cpuid = base.clone();
+    if let Some(khz) = tsc_khz
+        && let Some(signature) = cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == KVM_CPUID_SIGNATURE)
+    {
+        signature.eax = signature.eax.max(CPUID_TIMING_LEAF);
+        let timing = kvm_cpuid_entry2 {
+            function: CPUID_TIMING_LEAF,
+            eax: khz,
+            ebx: KVM_APIC_TIMER_KHZ,
+            ..Default::default()
+        };
+        // A full table only loses this hint.
+        let _ = cpuid.push(timing);
+    }
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
@@ -98,7 +121,8 @@ fn msr(index: u32, data: u64) -> kvm_msr_entry {
 /// Everything a vCPU needs before it runs, boot vCPU or not.
 pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, vcpus: u8, cpuid: &CpuId) -> Result<(), CpuError> {
     let set = |what| move |source| CpuError::Set { what, id, source };
-    vcpu.set_cpuid2(&vcpu_cpuid(cpuid, id, vcpus))
+    let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&khz| khz != 0);
+    vcpu.set_cpuid2(&vcpu_cpuid(cpuid, id, vcpus, tsc_khz))
         .map_err(set("CPUID"))?;
 
     let entries = [
@@ -276,9 +300,22 @@ mod tests {
     fn each_vcpu_sees_its_own_apic_id() {
         let kvm = Kvm::new().unwrap();
         let base = supported_cpuid(&kvm).unwrap();
-        let c = vcpu_cpuid(&base, 3, 4);
+        let c = vcpu_cpuid(&base, 3, 4, Some(2_445_000));
         let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_ne!(leaf1.ecx & CPUID_HYPERVISOR_BIT, 0);
+        let timing = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == CPUID_TIMING_LEAF);
+        assert_eq!(
+            timing.map(|t| (t.eax, t.ebx)),
+            Some((2_445_000, KVM_APIC_TIMER_KHZ))
+        );
+        let max = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == KVM_CPUID_SIGNATURE);
+        assert!(max.unwrap().eax >= CPUID_TIMING_LEAF);
     }
 }

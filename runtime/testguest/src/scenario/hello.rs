@@ -86,5 +86,6 @@ pub fn run(info: &StartInfo) -> Result<(), ScenarioError> {
         List(cpus.ids())
     );
     say!("cpus={}", cpus.count + cpus.dropped);
+    say!("tsc ticks_per_us={}", crate::tsc::ticks_per_us());
     Ok(())
 }
