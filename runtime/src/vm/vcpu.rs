@@ -32,8 +32,8 @@ enum Target {
 
 struct ControlState {
     target: Target,
-    /// vCPUs currently parked in `Pause` or gone after `Stop`.
-    acknowledged: usize,
+    /// Which vCPUs have seen `target`: parked in `Pause`, or gone after `Stop`.
+    acknowledged: Vec<bool>,
 }
 
 /// Shared run state of all vCPUs of a VM.
@@ -110,7 +110,7 @@ impl Vcpus {
         let control = Arc::new(VcpuControl {
             state: Mutex::new(ControlState {
                 target: Target::Run,
-                acknowledged: 0,
+                acknowledged: vec![false; fds.len()],
             }),
             changed: Condvar::new(),
         });
@@ -140,16 +140,23 @@ impl Vcpus {
             return;
         }
         state.target = target;
-        state.acknowledged = 0;
+        state.acknowledged.fill(false);
         self.control.changed.notify_all();
-        while state.acknowledged < self.threads.len() {
+        // A thread that ended without acknowledging (it panicked) runs no guest code either.
+        let settled = |acknowledged: &[bool]| {
+            acknowledged
+                .iter()
+                .zip(&self.threads)
+                .all(|(&acked, thread)| acked || thread.is_finished())
+        };
+        while !settled(&state.acknowledged) {
             drop(state);
             for thread in &self.threads {
                 // A thread that already left has nothing to interrupt.
                 let _ = thread.kill(kick_signal());
             }
             state = self.control.lock();
-            if state.acknowledged < self.threads.len() {
+            if !settled(&state.acknowledged) {
                 state = self
                     .control
                     .changed
@@ -191,18 +198,18 @@ impl Drop for Vcpus {
 }
 
 /// Waits while paused; returns false when the vCPU must end.
-fn wait_for_run(control: &VcpuControl) -> bool {
+fn wait_for_run(control: &VcpuControl, id: u8) -> bool {
     let mut state = control.lock();
     loop {
         match state.target {
             Target::Run => return true,
             Target::Stop => {
-                state.acknowledged += 1;
+                state.acknowledged[usize::from(id)] = true;
                 control.changed.notify_all();
                 return false;
             }
             Target::Pause => {
-                state.acknowledged += 1;
+                state.acknowledged[usize::from(id)] = true;
                 control.changed.notify_all();
                 while state.target == Target::Pause {
                     state = control
@@ -224,7 +231,7 @@ fn run_vcpu(
     counters: Arc<VcpuCounters>,
 ) {
     let _span = tracing::info_span!("vcpu", id).entered();
-    while wait_for_run(&control) {
+    while wait_for_run(&control, id) {
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 counters.io_exits.fetch_add(1, Ordering::Relaxed);
@@ -256,21 +263,21 @@ fn run_vcpu(
                 (ctx.on_exit)(GuestExit::Crashed(format!(
                     "vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN): the guest hit an unhandled fault or reset itself that way"
                 )));
-                park_until_stopped(&control);
+                park_until_stopped(&control, id);
                 return;
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 (ctx.on_exit)(GuestExit::Crashed(format!(
                     "vCPU {id} could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
                 )));
-                park_until_stopped(&control);
+                park_until_stopped(&control, id);
                 return;
             }
             Ok(VcpuExit::InternalError) => {
                 (ctx.on_exit)(GuestExit::Crashed(format!(
                     "vCPU {id}: KVM internal error (often an instruction KVM cannot emulate)"
                 )));
-                park_until_stopped(&control);
+                park_until_stopped(&control, id);
                 return;
             }
             Ok(exit) => {
@@ -282,7 +289,7 @@ fn run_vcpu(
                 (ctx.on_exit)(GuestExit::Crashed(format!(
                     "vCPU {id}: KVM_RUN failed: {e}"
                 )));
-                park_until_stopped(&control);
+                park_until_stopped(&control, id);
                 return;
             }
         }
@@ -290,11 +297,11 @@ fn run_vcpu(
 }
 
 /// After a fatal exit the vCPU must not run again, but still acknowledges the VMM.
-fn park_until_stopped(control: &VcpuControl) {
+fn park_until_stopped(control: &VcpuControl, id: u8) {
     let mut state = control.lock();
     loop {
         if state.target != Target::Run {
-            state.acknowledged += 1;
+            state.acknowledged[usize::from(id)] = true;
             control.changed.notify_all();
             if state.target == Target::Stop {
                 return;
