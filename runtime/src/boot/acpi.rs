@@ -2,7 +2,6 @@
 //! sleep control register for poweroff) + DSDT (`\_S5`) and MADT (one Local APIC per vCPU
 //! and the IOAPIC). Linux reads them for SMP and poweroff; so does the test guest.
 
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -11,9 +10,13 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{ACPI_SLEEP_CONTROL_PORT, ACPI_START, APIC_START, IOAPIC_START};
+use crate::layout::{
+    ACPI_SLEEP_CONTROL_PORT, ACPI_START, APIC_START, IOAPIC_START, MMIO32_SIZE, MMIO32_START,
+    PCI_CONFIG_ADDRESS_PORT,
+};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"FERROV";
@@ -31,6 +34,39 @@ pub enum AcpiError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// `\_SB.PCI0`: segment 0, bus 0, configuration mechanism #1 at 0xCF8, and the 32-bit
+/// window BARs are placed in (PCI Firmware spec 3.3 §4.1.5; ACPI 6.5 §6.4.3.5).
+struct PciHostBridge;
+
+impl Aml for PciHostBridge {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        // Conventional PCI (PNP0A03), not PCI Express (PNP0A08): there is no ECAM, only
+        // the 256-byte configuration space behind 0xCF8.
+        let hid = aml::EISAName::new("PNP0A03");
+        let bus_numbers = aml::AddressSpace::new_bus_number(0u16, 0u16);
+        let config_ports = aml::IO::new(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_ADDRESS_PORT, 1, 8);
+        let mmio32 = aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            MMIO32_START as u32,
+            (MMIO32_START + MMIO32_SIZE - 1) as u32,
+            None,
+        );
+        let crs = aml::ResourceTemplate::new(vec![&bus_numbers, &config_ports, &mmio32]);
+        let names = [
+            aml::Name::new("_HID".into(), &hid),
+            aml::Name::new("_ADR".into(), &aml::ZERO),
+            aml::Name::new("_SEG".into(), &aml::ZERO),
+            aml::Name::new("_UID".into(), &aml::ZERO),
+            aml::Name::new("_BBN".into(), &aml::ZERO),
+            aml::Name::new("_CRS".into(), &crs),
+        ];
+        let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+        let pci0 = aml::Device::new("_SB_.PCI0".into(), children);
+        pci0.to_aml_bytes(sink);
+    }
+}
+
 fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     let mut bytes = Vec::new();
     table.to_aml_bytes(&mut bytes);
@@ -39,13 +75,12 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
 
 /// Writes the tables; returns the RSDP's address (for PVH's `rsdp_paddr`).
 pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
-    // DSDT: just `Name (_S5, Package () { 5 })`, so the guest knows how to power off.
+    // DSDT: `\_S5` so the guest knows how to power off, and the PCI host bridge, without
+    // which an ACPI guest (Linux) never scans bus 0.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
-    let s5_package = acpi_tables::aml::Package::new(vec![&S5_SLEEP_TYPE]);
-    dsdt.append_slice(&aml_bytes(&acpi_tables::aml::Name::new(
-        "_S5_".into(),
-        &s5_package,
-    )));
+    let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
+    dsdt.append_slice(&aml_bytes(&aml::Name::new("_S5_".into(), &s5_package)));
+    dsdt.append_slice(&aml_bytes(&PciHostBridge));
 
     let mut madt = MADT::new(
         OEM_ID,
@@ -159,5 +194,43 @@ mod tests {
         let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
         let dsdt = read_table(&mem, dsdt_addr);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+    }
+
+    /// Disassembles the DSDT with ACPICA's iasl (Debian acpica-tools): an independent
+    /// check that the AML is well formed and says what we mean.
+    #[test]
+    fn acpica_disassembles_the_dsdt_to_s5_and_the_pci_host_bridge() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rsdp = write_acpi_tables(&mem, 1).unwrap();
+        let xsdt_addr: u64 = mem.read_obj(rsdp.unchecked_add(24)).unwrap();
+        let fadt_addr: u64 = mem.read_obj(GuestAddress(xsdt_addr + 36)).unwrap();
+        let fadt = read_table(&mem, fadt_addr);
+        let dsdt = read_table(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+
+        let dir = std::env::temp_dir().join(format!("fv-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dsdt.aml"), &dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .args(["-d", "dsdt.aml"])
+            .current_dir(&dir)
+            .output()
+            .expect("run iasl: install acpica-tools (scripts/setup.sh does)");
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for expected in [
+            "Name (_S5, Package (0x01)",
+            "Device (_SB.PCI0)",
+            "Name (_HID, EisaId (\"PNP0A03\")",
+            "0x0CF8,             // Range Minimum",
+            "0xC0000000,         // Range Minimum",
+            "0xFEBFFFFF,         // Range Maximum",
+        ] {
+            assert!(dsl.contains(expected), "{expected:?} missing from:\n{dsl}");
+        }
     }
 }
