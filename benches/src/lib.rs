@@ -1,6 +1,7 @@
 //! ferrovirt's performance suite: each suite runs ferrovirt and its peer side by side in
 //! alternating rounds and writes medians and ratios to `benches/results/<suite>.{json,md}`.
 
+pub mod cpu;
 pub mod machine;
 pub mod report;
 pub mod stats;

@@ -5,9 +5,9 @@
 //! then 0 to port 0xF4 (debug-exit), so one boot run gives the wall time to guest entry, and
 //! the whole run's CPU time and peak RSS bound what a VMM spends before the guest runs.
 //! A second run per round boots `scenario=ticker` (a guest that keeps running) to read, at
-//! the moment the first byte arrives, the CPU time every thread of the VMM has used
-//! (`/proc/PID/task/*/schedstat`), and a moment later its resident memory outside guest RAM
-//! (`/proc/PID/smaps`).
+//! the moment the first byte arrives, the CPU time the VMM has used, all its threads
+//! included (a cpuacct cgroup per run), and a moment later its resident memory outside guest
+//! RAM (`/proc/PID/smaps`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use ferrovirt_tests::{GuardedProcess, ProcessExit, ScratchDir};
 
 use super::{RunConfig, Suite};
+use crate::cpu::CpuCgroup;
 use crate::report::SuiteReport;
 use crate::stats::{Better, Goal, Samples, Side, round_order};
 
@@ -172,10 +173,10 @@ fn notes(setup: &Setup) -> Vec<String> {
             "peak_rss: ru_maxrss of that run, with {MEMORY_MIB} MiB guest memory on both sides; \
              reported whole as the upper bound of the VMM's own overhead."
         ),
-        "cpu_to_first_instruction: a `scenario=ticker` run; when the first 0xE9 byte arrives, the \
-         sum of on-CPU time (first field of /proc/PID/task/*/schedstat) over every thread of \
-         the VMM. Both sides include the few hundred microseconds of guest ring-3 work between \
-         the byte and the read."
+        "cpu_to_first_instruction: a `scenario=ticker` run in a cpuacct cgroup of its own \
+         (joined before exec); `cpuacct.usage` when the first 0xE9 byte arrives, so every \
+         thread counts, also those that have already ended. Both sides include the few hundred \
+         microseconds of guest ring-3 work between the byte and the read."
             .to_string(),
         format!(
             "rss_overhead, private_dirty_overhead: the same run {SETTLE_MS} ms after guest entry, \
@@ -392,11 +393,13 @@ fn running_guest(setup: &Setup, side: Side) -> anyhow::Result<RunningSample> {
         }
     };
     cmd.current_dir(dir.path());
+    // Declared before the process: dropped (removed) after it has been reaped.
+    let cgroup = CpuCgroup::create("startup")?;
+    cgroup.run_inside(&mut cmd);
     let mut process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))?;
     wait_for_first_byte(&reader, &mut process)?;
+    let cpu_ns = cgroup.usage_ns()?;
     let pid = process.pid();
-    let cpu_ns = process_cpu_ns(pid)
-        .ok_or_else(|| failure(&process, "cannot read its threads' schedstat"))?;
     std::thread::sleep(Duration::from_millis(SETTLE_MS));
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| failure(&process, &format!("cannot read its smaps: {e}")))?;
@@ -409,17 +412,6 @@ fn running_guest(setup: &Setup, side: Side) -> anyhow::Result<RunningSample> {
         rss_overhead_mib: memory.rss_kib as f64 / 1024.0,
         private_dirty_mib: memory.private_dirty_kib as f64 / 1024.0,
     })
-}
-
-/// On-CPU nanoseconds of every live thread of `pid`.
-fn process_cpu_ns(pid: i32) -> Option<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut total = 0;
-    for task in tasks.flatten() {
-        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total)
 }
 
 /// Resident memory of a VMM outside its guest RAM, in KiB.
