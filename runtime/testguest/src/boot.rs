@@ -39,14 +39,10 @@ core::arch::global_asm!(
     .balign 4
     .quad pvh_entry
 
-    .section .text.pvh_entry, "ax"
-    .code32
-    .global pvh_entry
-pvh_entry:
-    /* First instruction: the startup benchmark times the arrival of this byte. */
-    outb %al, $0xe9
-    lgdt gdt_pointer
-    lidt idt_pointer
+    /* PAE and SSE (CR4), the static page tables (CR3), LME (EFER), then paging and
+       protection (CR0): the same steps from 32-bit protected mode (BSP) and from 16-bit
+       real mode (APs, with PE and PG set together); the assembler sizes the operands. */
+    .macro enable_long_mode
     movl $0x620, %eax
     movl %eax, %cr4
     movl $pml4, %eax
@@ -57,6 +53,17 @@ pvh_entry:
     wrmsr
     movl $0x80000033, %eax
     movl %eax, %cr0
+    .endm
+
+    .section .text.pvh_entry, "ax"
+    .code32
+    .global pvh_entry
+pvh_entry:
+    /* First instruction: the startup benchmark times the arrival of this byte. */
+    outb %al, $0xe9
+    lgdt gdt_pointer
+    lidt idt_pointer
+    enable_long_mode
     ljmp $0x08, $bsp_long_mode
 
     .code64
@@ -110,16 +117,7 @@ ap_ring3_entry:
 ap_trampoline_start:
     cli
     lgdtl %cs:(ap_gdt_pointer - ap_trampoline_start)
-    movl $0x620, %eax
-    movl %eax, %cr4
-    movl $pml4, %eax
-    movl %eax, %cr3
-    movl $0xc0000080, %ecx
-    movl $0x100, %eax
-    xorl %edx, %edx
-    wrmsr
-    movl $0x80000033, %eax
-    movl %eax, %cr0
+    enable_long_mode
     ljmpl $0x08, $ap_long_mode
     .balign 8
 ap_gdt_pointer:
