@@ -4,6 +4,10 @@
 //! module keeps the table and re-sends it when an MSI route changes. Each MSI vector has
 //! its own GSI and irqfd: a device (or a vhost-user backend holding the same eventfd)
 //! raises the vector by writing the eventfd, without a trip through the VMM.
+//!
+//! A masked vector's eventfd is detached from KVM rather than left without a route: what
+//! a backend writes meanwhile stays counted in the eventfd, and KVM delivers it when the
+//! vector is unmasked and the irqfd attached again (it polls the eventfd on KVM_IRQFD).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +30,7 @@ pub enum InterruptError {
     NoFreeGsi,
     #[error("cannot create the eventfd for an interrupt")]
     EventFd(#[source] std::io::Error),
-    #[error("KVM refused to register an irqfd for GSI {gsi}")]
+    #[error("KVM refused to attach or detach the irqfd of GSI {gsi}")]
     RegisterIrqfd {
         gsi: u32,
         #[source]
@@ -131,10 +135,12 @@ impl InterruptRouter {
             let gsi = state.next_gsi;
             state.next_gsi += 1;
             let irqfd = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
-            self.vm
-                .register_irqfd(&irqfd, gsi)
-                .map_err(|source| InterruptError::RegisterIrqfd { gsi, source })?;
-            vectors.push(MsiVector { gsi, irqfd });
+            // Attached to KVM when first unmasked.
+            vectors.push(MsiVector {
+                gsi,
+                irqfd,
+                attached: Mutex::new(false),
+            });
         }
         Ok(Arc::new(MsiInterruptGroup {
             router: self.clone(),
@@ -163,6 +169,8 @@ impl InterruptRouter {
 struct MsiVector {
     gsi: u32,
     irqfd: EventFd,
+    /// Whether the irqfd is registered with KVM (only while the vector is unmasked).
+    attached: Mutex<bool>,
 }
 
 /// The MSI vectors of one device (its MSI-X table).
@@ -194,20 +202,39 @@ impl MsiInterruptGroup {
             .map_err(InterruptError::Trigger)
     }
 
-    /// Points `vector` at `msg`, or stops delivering it while `masked`.
+    /// Points `vector` at `msg`, or holds its interrupts back while `masked`: they stay
+    /// counted in the eventfd and are delivered when it is unmasked.
     pub fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
         let v = self
             .vectors
             .get(vector as usize)
             .ok_or(InterruptError::NoSuchVector(vector))?;
-        self.router.set_msi_route(v.gsi, (!masked).then_some(msg))
+        let mut attached = v.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let vm = &self.router.vm;
+        if masked {
+            if *attached {
+                vm.unregister_irqfd(&v.irqfd, v.gsi)
+                    .map_err(|source| InterruptError::RegisterIrqfd { gsi: v.gsi, source })?;
+                *attached = false;
+            }
+            return self.router.set_msi_route(v.gsi, None);
+        }
+        // Route first: attaching injects at once if the eventfd was written while masked.
+        self.router.set_msi_route(v.gsi, Some(msg))?;
+        if !*attached {
+            vm.register_irqfd(&v.irqfd, v.gsi)
+                .map_err(|source| InterruptError::RegisterIrqfd { gsi: v.gsi, source })?;
+            *attached = true;
+        }
+        Ok(())
     }
 }
 
 impl Drop for MsiInterruptGroup {
     fn drop(&mut self) {
         for v in &self.vectors {
-            if let Err(e) = self.router.vm.unregister_irqfd(&v.irqfd, v.gsi) {
+            let attached = *v.attached.lock().unwrap_or_else(|e| e.into_inner());
+            if attached && let Err(e) = self.router.vm.unregister_irqfd(&v.irqfd, v.gsi) {
                 tracing::warn!(gsi = v.gsi, "cannot unregister irqfd: {e}");
             }
             if let Err(e) = self.router.set_msi_route(v.gsi, None) {

@@ -1,11 +1,12 @@
 //! MSI-X (PCI 3.0 §6.8.2): the capability, the vector table and the pending-bit array.
 //!
 //! Each table entry drives one vector of an [`MsiInterruptGroup`]: an unmasked entry has
-//! a KVM MSI route and its irqfd raises the interrupt in the kernel; a masked one has no
-//! route. Vectors raised through [`Msix::trigger`] while masked (or while MSI-X or the
-//! whole function is masked) set their pending bit and are delivered on unmask, as the
-//! spec requires. An external writer of the irqfd (a vhost-user backend) bypasses that
-//! bookkeeping: its interrupts while masked are dropped by KVM.
+//! a KVM MSI route and its irqfd raises the interrupt in the kernel; a masked one's irqfd
+//! is detached. Vectors raised through [`Msix::trigger`] while masked (or while MSI-X or
+//! the whole function is masked) set their pending bit and are delivered on unmask, as
+//! the spec requires. An external writer of the irqfd (a vhost-user backend) bypasses the
+//! pending bit, but its writes while masked stay in the eventfd and KVM delivers them on
+//! unmask.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -302,6 +303,24 @@ mod tests {
             msix.trigger(2),
             Err(InterruptError::NoSuchVector(2))
         ));
+    }
+
+    #[test]
+    fn irqfd_writes_while_masked_are_held_and_delivered_on_unmask() {
+        // A vhost-user backend writes the irqfd directly, bypassing the pending bit.
+        let vm = TestVm::new();
+        let msix = Msix::new(vm.router.create_msi_group(1).unwrap()).unwrap();
+        msix.set_control(CONTROL_ENABLE);
+        program(&msix, 0, 0x58, true);
+        msix.irqfd(0).unwrap().write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!vm.lapic_irr_has(0x58), "a masked vector must not reach the CPU");
+
+        msix.write_table(12, &0u32.to_le_bytes());
+        assert!(
+            vm.wait_lapic_irr(0x58),
+            "the interrupt written while masked is delivered on unmask"
+        );
     }
 
     #[test]
