@@ -634,3 +634,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod hostile_guest_tests;

@@ -471,3 +471,137 @@ fn check_sectors(sector: u64, count: u64, limits: &DeviceLimits) -> Option<()> {
     let end = sector.checked_add(count)?;
     (end <= limits.capacity_sectors).then_some(())
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    const MEM_SIZE: u64 = 0x10_0000;
+
+    fn limits() -> DeviceLimits {
+        DeviceLimits {
+            capacity_sectors: 2048,
+            read_only: false,
+            seg_max: 4,
+            size_max: 0x8000,
+            discard: true,
+            write_zeroes: true,
+            max_discard_sectors: 64,
+            max_discard_seg: 2,
+            max_write_zeroes_sectors: 64,
+            max_write_zeroes_seg: 2,
+        }
+    }
+
+    fn descriptor() -> impl Strategy<Value = (u64, u32, bool)> {
+        (
+            prop_oneof![
+                0x1_0000u64..MEM_SIZE,
+                MEM_SIZE - 0x1000..MEM_SIZE + 0x1000,
+                any::<u64>(),
+            ],
+            prop_oneof![1u32..=16, Just(512u32), 0u32..0x4000, any::<u32>()],
+            any::<bool>(),
+        )
+    }
+
+    fn request_type() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(VIRTIO_BLK_T_IN),
+            Just(VIRTIO_BLK_T_OUT),
+            Just(VIRTIO_BLK_T_FLUSH),
+            Just(VIRTIO_BLK_T_GET_ID),
+            Just(VIRTIO_BLK_T_DISCARD),
+            Just(VIRTIO_BLK_T_WRITE_ZEROES),
+            any::<u32>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the guest puts in a chain, parsing never panics, and an accepted request
+        /// only names guest memory that exists, with the right direction, inside the disk.
+        #[test]
+        fn accepted_requests_stay_inside_memory_and_disk(
+            descs in proptest::collection::vec(descriptor(), 1..6),
+            request_type in request_type(),
+            sector in prop_oneof![0u64..2100, any::<u64>()],
+            segment_bytes in proptest::collection::vec(any::<u8>(), 32),
+        ) {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+            let queue = MockSplitQueue::new(&mem, 16);
+            // The first descriptor's memory holds a header when it is in range.
+            let header = RequestHeader { request_type: request_type.to_le(), reserved: 0, sector: sector.to_le() };
+            let _ = mem.write_obj(header, GuestAddress(descs[0].0));
+            if let Some(d) = descs.get(1) {
+                let _ = mem.write_slice(&segment_bytes, GuestAddress(d.0));
+            }
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|&(addr, len, w)| {
+                    let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+                })
+                .collect();
+            let chain = queue.build_desc_chain(&raw).unwrap();
+            let limits = limits();
+            match parse_request(chain, &limits) {
+                Ok(request) => {
+                    prop_assert!(mem.check_range(request.status, 1, Permissions::Write));
+                    let (segments, device_writes, range) = match &request.operation {
+                        Operation::Read { offset, len, segments } => (segments.clone(), true, Some((*offset, *len))),
+                        Operation::Write { offset, len, segments } => (segments.clone(), false, Some((*offset, *len))),
+                        Operation::GetId { segments } => (segments.clone(), true, None),
+                        Operation::Flush => (Vec::new(), true, None),
+                        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
+                            for r in ranges {
+                                prop_assert!(r.sector + u64::from(r.num_sectors) <= limits.capacity_sectors);
+                            }
+                            (Vec::new(), true, None)
+                        }
+                    };
+                    for s in &segments {
+                        prop_assert!(mem.check_range(s.addr, s.len as usize, Permissions::Read));
+                        let d = descs.iter().find(|d| d.0 == s.addr.0).unwrap();
+                        prop_assert_eq!(d.2, device_writes);
+                    }
+                    if let Some((offset, len)) = range {
+                        prop_assert!(len > 0 && len % SECTOR_SIZE == 0);
+                        prop_assert!(offset + len <= limits.capacity_sectors * SECTOR_SIZE);
+                        prop_assert!(segments.len() <= limits.seg_max as usize);
+                    }
+                }
+                Err(rejection) => {
+                    if let Some(status) = rejection.status {
+                        prop_assert!(mem.check_range(status, 1, Permissions::Write));
+                    }
+                    let status = rejection.reason.status();
+                    prop_assert!(status == VIRTIO_BLK_S_IOERR as u8 || status == VIRTIO_BLK_S_UNSUPP as u8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_ending_in_a_read_only_descriptor_has_no_status_byte() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let raw = [
+            RawDescriptor::from(SplitDescriptor::new(0x1_0000, 16, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x2_0000, 1, 0, 0)),
+        ];
+        let rejection =
+            parse_request(queue.build_desc_chain(&raw).unwrap(), &limits()).unwrap_err();
+        assert_eq!(rejection.status, None);
+        assert_eq!(rejection.reason, RejectReason::NoStatusByte);
+    }
+}
