@@ -1,0 +1,138 @@
+//! The listening socket and the connection loop: one vhost-user daemon per VMM connection, so a
+//! VMM that reconnects (after its own or our restart) gets a fresh device over the same image.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{BackendError, BlkBackend};
+use crate::config::{BackendConfig, ConfigError, Disk};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("socket {0:?} is in use by a running process; stop it or pick another --socket")]
+    SocketInUse(PathBuf),
+    #[error("{0:?} exists and is not a socket; remove it or pick another --socket")]
+    SocketPathNotSocket(PathBuf),
+    #[error("cannot remove the stale socket {0:?}")]
+    RemoveStaleSocket(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on {0:?}; does its directory exist and is it writable?")]
+    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot register the io_uring completion eventfd with worker {0}")]
+    RegisterCompletion(usize, #[source] std::io::Error),
+}
+
+/// A bound vhost-user-blk server over one image.
+pub struct Server {
+    config: BackendConfig,
+    disk: Disk,
+    listener: Listener,
+    socket: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Opens and checks the image, then listens on `socket` (replacing a stale socket file).
+    pub fn bind(config: BackendConfig, socket: &Path) -> Result<Self, ServeError> {
+        let disk = Disk::open(&config)?;
+        claim_socket_path(socket)?;
+        let listener =
+            Listener::new(socket, false).map_err(|e| ServeError::Listen(socket.to_owned(), e))?;
+        tracing::info!(
+            image = ?config.image, size = disk.size, read_only = disk.read_only,
+            queues = config.num_queues, socket = ?socket, "serving"
+        );
+        Ok(Self {
+            config,
+            disk,
+            listener,
+            socket: socket.to_owned(),
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Accepts one VMM connection and serves it until the VMM disconnects.
+    pub fn serve_connection(&mut self) -> Result<(), ServeError> {
+        let backend = BlkBackend::new(
+            &self.disk,
+            self.config.num_queues,
+            self.config.queue_size,
+            self.config.serial.clone(),
+            self.metrics.clone(),
+        )?;
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new("ferrovirt-vhost-blk".to_owned(), backend.clone(), memory)
+                .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        for (queue, handler) in handlers.iter().enumerate() {
+            let fd = backend
+                .completion_fd(queue)
+                .ok_or_else(|| ServeError::Daemon(format!("no worker for queue {queue}")))?;
+            handler
+                .register_listener(fd, EventSet::IN, backend.completion_event_id())
+                .map_err(|e| ServeError::RegisterCompletion(queue, e))?;
+        }
+        let served = daemon
+            .start(&mut self.listener)
+            .and_then(|()| daemon.wait());
+        for handler in &handlers {
+            handler.send_exit_event();
+        }
+        match served {
+            Ok(()) => Ok(()),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(ServeError::Daemon(e.to_string())),
+        }
+    }
+
+    /// Serves connections one after another, forever (or one, with `once`).
+    pub fn run(mut self, once: bool) -> Result<(), ServeError> {
+        loop {
+            match self.serve_connection() {
+                Ok(()) => tracing::info!("VMM disconnected"),
+                Err(e) => tracing::warn!(error = %e, "connection ended with an error"),
+            }
+            if once {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Refuses a socket path a live server listens on or that is not a socket; removes a stale one.
+fn claim_socket_path(socket: &Path) -> Result<(), ServeError> {
+    let Ok(meta) = std::fs::symlink_metadata(socket) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::SocketPathNotSocket(socket.to_owned()));
+    }
+    if UnixStream::connect(socket).is_ok() {
+        return Err(ServeError::SocketInUse(socket.to_owned()));
+    }
+    std::fs::remove_file(socket).map_err(|e| ServeError::RemoveStaleSocket(socket.to_owned(), e))
+}
