@@ -34,6 +34,8 @@ pub enum ConfigError {
     NoCpus,
     #[error("no kernel given: pass --kernel PATH or set payload.kernel")]
     NoKernel,
+    #[error("disk {0} has no socket: give the vhost-user-blk backend's socket path")]
+    NoDiskSocket(usize),
     #[error("{what} {path} does not exist or is not readable")]
     MissingFile { what: &'static str, path: PathBuf },
 }
@@ -52,6 +54,9 @@ pub struct VmConfig {
     /// An entropy device (virtio-rng) fed from this host file, usually /dev/urandom.
     #[serde(default)]
     pub rng: Option<RngConfig>,
+    /// Disks served by vhost-user-blk backends, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +135,14 @@ impl Default for RngConfig {
     }
 }
 
+/// A virtio-blk disk whose data path is a vhost-user-blk backend (e.g. ferrovirt-vhost-blk
+/// or qemu-storage-daemon) listening on `socket`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+}
+
 impl VmConfig {
     /// Reads a VM description from a JSON file.
     pub fn from_file(path: &std::path::Path) -> Result<VmConfig, ConfigError> {
@@ -162,6 +175,13 @@ impl VmConfig {
         }
         if let Some(rng) = &self.rng {
             check_readable("rng source", &rng.src)?;
+        }
+        if let Some(index) = self
+            .disks
+            .iter()
+            .position(|d| d.socket.as_os_str().is_empty())
+        {
+            return Err(ConfigError::NoDiskSocket(index));
         }
         Ok(())
     }
@@ -199,6 +219,7 @@ mod tests {
         assert_eq!(cfg.memory.size_mib, 512);
         assert_eq!(cfg.serial, ConsoleConfig::Tty);
         assert!(cfg.rng.is_none());
+        assert!(cfg.disks.is_empty());
     }
 
     #[test]
@@ -230,5 +251,36 @@ mod tests {
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn disks_are_a_list_of_sockets() {
+        let cfg: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"/dev/null"},"disks":[{"socket":"/run/a.sock"},{"socket":"/run/b.sock"}]}"#,
+        )
+        .unwrap();
+        let sockets: Vec<_> = cfg.disks.iter().map(|d| d.socket.clone()).collect();
+        assert_eq!(
+            sockets,
+            [PathBuf::from("/run/a.sock"), "/run/b.sock".into()]
+        );
+        cfg.validate().unwrap();
+
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/run/a.sock"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `path`"), "{err}");
+
+        let empty = VmConfig {
+            disks: vec![DiskConfig {
+                socket: PathBuf::new(),
+            }],
+            ..cfg
+        };
+        assert!(matches!(
+            empty.validate(),
+            Err(ConfigError::NoDiskSocket(0))
+        ));
     }
 }

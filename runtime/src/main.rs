@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use ferrovirt_runtime::config::{
-    ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
 };
 use ferrovirt_runtime::vmm::{self, VmmOptions, exit_status};
 
@@ -53,9 +53,13 @@ struct Args {
     /// Add a virtio-rng device fed from src=PATH [default src: /dev/urandom].
     #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
     rng: Option<RngConfig>,
+    /// Add a virtio-blk disk served by the vhost-user-blk backend listening on socket=PATH
+    /// (ferrovirt-vhost-blk, qemu-storage-daemon). Repeat for more disks.
+    #[arg(long, value_name = "socket=PATH", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
     /// Read the whole VM description from a JSON file (see the OpenAPI VmConfig schema);
     /// other VM flags are then refused.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "rng"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "rng", "disk"])]
     config: Option<PathBuf>,
     /// Serve the REST API on this UNIX socket. Without a kernel, the VMM waits for
     /// PUT /api/v1/vm.create and vm.boot.
@@ -88,6 +92,15 @@ fn parse_rng(s: &str) -> Result<RngConfig, String> {
     }
 }
 
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    match s.split_once('=') {
+        Some(("socket", p)) if !p.is_empty() => Ok(DiskConfig { socket: p.into() }),
+        _ => Err(format!(
+            "{s:?} is not a disk: use --disk socket=PATH (the vhost-user-blk backend's socket)"
+        )),
+    }
+}
+
 impl Args {
     fn vm_config(&self) -> anyhow::Result<Option<VmConfig>> {
         if let Some(path) = &self.config {
@@ -111,6 +124,7 @@ impl Args {
             },
             serial: self.serial.clone(),
             rng: self.rng.clone(),
+            disks: self.disk.clone(),
         }))
     }
 }

@@ -23,6 +23,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::block::{BlockError, BlockMetrics, VhostUserBlk};
 use crate::devices::virtio::rng::{Rng, RngError, RngMetrics};
 use crate::devices::virtio::{VirtioError, add_virtio_device};
 use crate::layout::{
@@ -69,6 +70,12 @@ pub enum VmmError {
     },
     #[error("cannot set up the virtio-rng device")]
     Rng(#[from] RngError),
+    #[error("cannot set up disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: BlockError,
+    },
     #[error("cannot add a virtio device")]
     Virtio(#[from] VirtioError),
     #[error("cannot serve the API")]
@@ -142,6 +149,7 @@ struct BuiltDevices {
     serial: Arc<SerialDevice>,
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
+    disk_metrics: Vec<Arc<BlockMetrics>>,
     pci: Arc<PciRoot>,
     router: Arc<InterruptRouter>,
 }
@@ -152,6 +160,7 @@ pub struct Vm {
     serial: Arc<SerialDevice>,
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
+    disk_metrics: Vec<Arc<BlockMetrics>>,
     _pci: Arc<PciRoot>,
     _router: Arc<InterruptRouter>,
     _vm_fd: Arc<VmFd>,
@@ -192,6 +201,7 @@ impl Vm {
             serial,
             debugcon,
             rng_metrics,
+            disk_metrics,
             pci,
             router,
         } = devices;
@@ -207,6 +217,7 @@ impl Vm {
             serial,
             debugcon,
             rng_metrics,
+            disk_metrics,
             _pci: pci,
             _router: router,
             _vm_fd: vm_fd,
@@ -256,6 +267,15 @@ impl Vm {
             let bdf = add_virtio_device(&pci, Box::new(device), &router, ram.memory.clone())?;
             tracing::debug!(%bdf, "virtio-rng added");
         }
+        let mut disk_metrics = Vec::with_capacity(config.disks.len());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let device = VhostUserBlk::new(&disk.socket)
+                .map_err(|source| VmmError::Disk { index, source })?;
+            disk_metrics.push(device.metrics());
+            let sectors = device.capacity();
+            let bdf = add_virtio_device(&pci, Box::new(device), &router, ram.memory.clone())?;
+            tracing::debug!(%bdf, socket = %disk.socket.display(), sectors, "vhost-user-blk disk added");
+        }
 
         let mem = ram.memory.memory();
         let entry = boot::load_payload(&mem, ram.size, &config.payload, vcpu_count)?;
@@ -279,6 +299,7 @@ impl Vm {
             serial,
             debugcon,
             rng_metrics,
+            disk_metrics,
             pci,
             router,
         };
@@ -327,6 +348,9 @@ impl Vm {
                     ("interrupt_failures", m.interrupt_failures.load(Relaxed)),
                 ]),
             );
+        }
+        for (index, m) in self.disk_metrics.iter().enumerate() {
+            all.insert(format!("disk{index}"), group(&m.snapshot()));
         }
         all
     }
@@ -434,9 +458,12 @@ impl Vmm {
                 }
                 match self.boot() {
                     Ok(()) => ok(Next::Continue),
-                    Err(e @ (VmmError::Config(_) | VmmError::Boot(_) | VmmError::Vm(_))) => {
-                        (Err(ApiError::bad_request_from(&e)), Next::Continue)
-                    }
+                    Err(
+                        e @ (VmmError::Config(_)
+                        | VmmError::Boot(_)
+                        | VmmError::Vm(_)
+                        | VmmError::Disk { .. }),
+                    ) => (Err(ApiError::bad_request_from(&e)), Next::Continue),
                     Err(e) => (Err(ApiError::internal_from(&e)), Next::Continue),
                 }
             }

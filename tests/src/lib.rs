@@ -8,10 +8,12 @@ pub mod http;
 pub mod kernel;
 pub mod names;
 pub mod process;
+pub mod storage_daemon;
 pub mod vmm;
 
 pub use artifacts::{repo_root, testguest, try_testguest, try_vmm_binary, vmm_binary};
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
+pub use storage_daemon::StorageDaemon;
 pub use vmm::{VmmBuilder, VmmError, VmmProcess};

@@ -636,7 +636,19 @@ fn check_schema(spec: &Value, schema: &Value, value: &Value, at: &str, complete:
                 }
             }
         }
-        Value::Array(_) | Value::Null => panic!("{at}: unexpected {value}"),
+        Value::Array(items) => {
+            assert_eq!(schema["type"], "array", "{at}");
+            for (i, item) in items.iter().enumerate() {
+                check_schema(
+                    spec,
+                    &schema["items"],
+                    item,
+                    &format!("{at}[{i}]"),
+                    complete,
+                );
+            }
+        }
+        Value::Null => panic!("{at}: unexpected {value}"),
     }
 }
 
@@ -654,6 +666,9 @@ fn full_config() -> VmConfig {
         },
         serial: ConsoleConfig::File("/var/log/serial".into()),
         rng: Some(RngConfig::default()),
+        disks: vec![crate::config::DiskConfig {
+            socket: "/run/ferrovirt/disk0.sock".into(),
+        }],
     }
 }
 
@@ -758,6 +773,11 @@ fn openapi_required_fields_match_serde_defaults() {
             if let Some(r) = nested {
                 let name = r.trim_start_matches("#/components/schemas/").to_owned();
                 objects.push((format!("{pointer}/{key}"), name));
+            }
+            // A list of objects: check the first item's fields the same way.
+            if let Some(r) = prop["items"]["$ref"].as_str() {
+                let name = r.trim_start_matches("#/components/schemas/").to_owned();
+                objects.push((format!("{pointer}/{key}/0"), name));
             }
         }
     }

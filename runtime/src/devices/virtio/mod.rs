@@ -30,6 +30,7 @@
 //! Each device follows the same layout: `device.rs` (the [`VirtioDevice`]), `worker.rs`
 //! (its event handling), `metrics.rs` (counters); persisted state comes with snapshots.
 
+pub mod block;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]

@@ -1,0 +1,324 @@
+//! virtio-blk (device ID 2) served by a vhost-user-blk backend (vhost-user spec, "Back-end
+//! message types"; virtio 1.2 §5.2): the VMM connects to the backend's socket, reads the
+//! disk's configuration from it (GET_CONFIG) and, on DRIVER_OK, shares guest memory
+//! (SET_MEM_TABLE with the memfd regions) and hands over each ring with the queue's
+//! ioeventfd as kick and its MSI-X irqfd as call. Requests never pass through the VMM.
+//! If the backend dies, a monitor thread reconnects and replays the ring state.
+
+mod backend;
+mod device;
+mod metrics;
+mod reconnect;
+
+pub use device::VhostUserBlk;
+pub use metrics::BlockMetrics;
+
+use std::path::PathBuf;
+
+/// Entries per queue. QEMU's vhost-user-blk default; backends size seg_max for it.
+pub const QUEUE_SIZE: u16 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot connect to vhost-user-blk socket {}; is the backend running?", .socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the vhost-user-blk backend at {} failed {step}", .socket.display())]
+    Handshake {
+        socket: PathBuf,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error(
+        "the vhost-user-blk backend at {} does not offer the CONFIG protocol feature; \
+         the VMM needs it to read the disk's size", .0.display()
+    )]
+    NoConfig(PathBuf),
+    #[error(
+        "guest RAM is not backed by a shared file (memfd), so a vhost-user backend cannot map it"
+    )]
+    NotSharedMemory,
+    #[error("queue {0}'s rings are outside guest memory")]
+    RingOutsideMemory(u16),
+    #[error("cannot create an eventfd for vhost-user-blk")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the vhost-user-blk monitor thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use ferrovirt_tests::{ScratchDir, StorageDaemon};
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+    use super::*;
+    use crate::devices::bus::Bus;
+    use crate::devices::pci::PciRoot;
+    use crate::devices::pci::testing::TestVm;
+    use crate::devices::virtio::testing::*;
+    use crate::devices::virtio::{TYPE_BLOCK, VirtioDevice, add_virtio_device};
+    use crate::memory::GuestRam;
+
+    const IMAGE_SIZE: u64 = 8 << 20;
+    const QUEUE_AT: u64 = 0x1_0000;
+    /// Request headers, data and status bytes of request `n` live at REQUESTS + n * 16 KiB.
+    const REQUESTS: u64 = 0x10_0000;
+    const APIC_VECTOR: u8 = 0x51;
+    const ALL_OK: u8 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+    const SECTOR: u64 = 512;
+
+    /// A raw image and qemu-storage-daemon serving it.
+    struct Disk {
+        dir: ScratchDir,
+        daemon: Option<StorageDaemon>,
+    }
+
+    impl Disk {
+        fn start(label: &str, queues: u16) -> Disk {
+            let dir = ScratchDir::new(label).unwrap();
+            let image = std::fs::File::create(dir.join("disk.img")).unwrap();
+            image.set_len(IMAGE_SIZE).unwrap();
+            let mut disk = Disk { dir, daemon: None };
+            disk.restart(queues);
+            disk
+        }
+
+        fn restart(&mut self, queues: u16) {
+            let daemon =
+                StorageDaemon::start(&self.image(), &self.socket(), queues).expect("daemon");
+            self.daemon = Some(daemon);
+        }
+
+        fn crash(&mut self) {
+            self.daemon.take().unwrap().crash().unwrap();
+        }
+
+        fn image(&self) -> std::path::PathBuf {
+            self.dir.join("disk.img")
+        }
+
+        fn socket(&self) -> std::path::PathBuf {
+            self.dir.join("disk.sock")
+        }
+
+        fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            std::fs::File::open(self.image())
+                .unwrap()
+                .read_exact_at(&mut buf, offset)
+                .unwrap();
+            buf
+        }
+    }
+
+    /// A driver on a real KVM VM whose RAM is a memfd the backend can map.
+    fn driver(device: VhostUserBlk) -> (TestDriver, GuestRam) {
+        let vm = TestVm::new();
+        let ram = GuestRam::new(MEM_SIZE, false).unwrap();
+        vm.map_memory(&ram.memory.memory());
+        let mmio = Arc::new(Bus::new());
+        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
+        let bdf =
+            add_virtio_device(&root, Box::new(device), &vm.router, ram.memory.clone()).unwrap();
+        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
+        let driver = TestDriver {
+            vm,
+            root,
+            mmio,
+            mem: ram.memory.clone(),
+            bar0,
+            slot: bdf.device,
+        };
+        (driver, ram)
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// Writes request `n` (descriptors 3n..3n+2: header, one sector of data, status) and
+    /// publishes it in the avail ring.
+    fn submit(d: &TestDriver, q: &DriverQueue<'_>, n: u16, kind: u32, sector: u64, data: &[u8]) {
+        let guest = d.guest();
+        let base = REQUESTS + u64::from(n) * 0x4000;
+        let (header, buffer, status) = (base, base + 0x1000, base + 0x2000);
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        guest.write_slice(&hdr, GuestAddress(header)).unwrap();
+        guest.write_slice(data, GuestAddress(buffer)).unwrap();
+        guest.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let data_flags = if kind == VIRTIO_BLK_T_IN {
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
+        } else {
+            VRING_DESC_F_NEXT
+        };
+        let first = 3 * n;
+        q.desc
+            .store(first, desc(header, 16, VRING_DESC_F_NEXT, first + 1))
+            .unwrap();
+        q.desc
+            .store(
+                first + 1,
+                desc(buffer, SECTOR as u32, data_flags, first + 2),
+            )
+            .unwrap();
+        q.desc
+            .store(first + 2, desc(status, 1, VRING_DESC_F_WRITE, 0))
+            .unwrap();
+        let idx = q.avail.idx().load();
+        q.avail
+            .ring()
+            .ref_at(usize::from(idx) % 16)
+            .unwrap()
+            .store(first);
+        q.avail.idx().store(idx.wrapping_add(1));
+    }
+
+    /// Waits for `count` used entries; returns request `n`'s status byte.
+    fn complete(d: &TestDriver, q: &DriverQueue<'_>, count: u16, n: u16) -> u8 {
+        assert!(
+            d.wait_for(|| q.used.idx().load() == count),
+            "the backend did not answer request {n}"
+        );
+        let status = REQUESTS + u64::from(n) * 0x4000 + 0x2000;
+        d.guest().read_obj(GuestAddress(status)).unwrap()
+    }
+
+    fn start_queue(d: &TestDriver, q: &DriverQueue<'_>) {
+        d.route_vector(1, APIC_VECTOR);
+        assert!(d.negotiate(VERSION_1));
+        d.setup_queue(0, 16, q.rings, 1);
+        d.set_status(ALL_OK);
+        assert_eq!(d.status(), ALL_OK, "DRIVER_OK accepted");
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn the_disk_size_comes_from_the_backend() {
+        let disk = Disk::start("blk-config", 1);
+        let blk = VhostUserBlk::new(disk.socket()).unwrap();
+        assert_eq!(blk.device_type(), TYPE_BLOCK);
+        let mut capacity = [0u8; 8];
+        blk.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), IMAGE_SIZE / SECTOR);
+        assert_eq!(blk.capacity(), IMAGE_SIZE / SECTOR);
+        assert_eq!(blk.queue_max_sizes(), &[super::QUEUE_SIZE]);
+        assert_eq!(
+            blk.features() & !backend::GUEST_FEATURES,
+            0,
+            "only features the transport handles reach the guest"
+        );
+    }
+
+    #[test]
+    fn queues_follow_the_backend() {
+        let disk = Disk::start("blk-mq", 3);
+        let blk = VhostUserBlk::new(disk.socket()).unwrap();
+        assert_eq!(blk.queue_max_sizes().len(), 3);
+        let mut num_queues = [0u8; 2];
+        blk.read_config(34, &mut num_queues);
+        assert_eq!(u16::from_le_bytes(num_queues), 3);
+    }
+
+    #[test]
+    fn a_missing_socket_is_a_clear_error() {
+        let dir = ScratchDir::new("blk-missing").unwrap();
+        let socket = dir.join("nobody.sock");
+        let err = VhostUserBlk::new(&socket).err().expect("no backend");
+        let msg = err.to_string();
+        assert!(matches!(err, BlockError::Connect { .. }), "{msg}");
+        assert!(msg.contains(socket.to_str().unwrap()), "{msg}");
+        assert!(msg.contains("is the backend running?"), "{msg}");
+    }
+
+    #[test]
+    fn guest_writes_reach_the_image_and_read_back() {
+        let disk = Disk::start("blk-io", 1);
+        let blk = VhostUserBlk::new(disk.socket()).unwrap();
+        let metrics = blk.metrics();
+        let (d, _ram) = driver(blk);
+        let guest = d.guest();
+        let q = DriverQueue::new(&guest, QUEUE_AT, 16);
+        start_queue(&d, &q);
+        assert_eq!(BlockMetrics::get(&metrics.activations), 1);
+
+        let pattern: Vec<u8> = (0..SECTOR).map(|i| (i * 7 + 3) as u8).collect();
+        submit(&d, &q, 0, VIRTIO_BLK_T_OUT, 2, &pattern);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &q, 1, 0), 0, "VIRTIO_BLK_S_OK");
+        assert_eq!(disk.read_image(2 * SECTOR, SECTOR as usize), pattern);
+        assert!(
+            d.vm.wait_lapic_irr(APIC_VECTOR),
+            "the backend raised the queue's MSI through its irqfd"
+        );
+
+        submit(&d, &q, 1, VIRTIO_BLK_T_IN, 2, &[0; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &q, 2, 1), 0);
+        let mut back = vec![0u8; SECTOR as usize];
+        guest
+            .read_slice(&mut back, GuestAddress(REQUESTS + 0x4000 + 0x1000))
+            .unwrap();
+        assert_eq!(back, pattern);
+
+        // Reset takes the rings back (GET_VRING_BASE answers); the device starts again.
+        d.set_status(0);
+        assert_eq!(d.status(), 0);
+        assert_eq!(BlockMetrics::get(&metrics.backend_errors), 0);
+    }
+
+    #[test]
+    fn io_goes_on_after_the_backend_restarts() {
+        let mut disk = Disk::start("blk-restart", 1);
+        let blk = VhostUserBlk::new(disk.socket()).unwrap();
+        let metrics = blk.metrics();
+        let (d, _ram) = driver(blk);
+        let guest = d.guest();
+        let q = DriverQueue::new(&guest, QUEUE_AT, 16);
+        start_queue(&d, &q);
+        submit(&d, &q, 0, VIRTIO_BLK_T_OUT, 0, &[0x11; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &q, 1, 0), 0);
+
+        disk.crash();
+        wait_until("hang-up noticed", || {
+            BlockMetrics::get(&metrics.disconnects) == 1
+        });
+        // The guest goes on submitting while nobody serves the disk.
+        submit(&d, &q, 1, VIRTIO_BLK_T_OUT, 1, &[0x22; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(q.used.idx().load(), 1, "no backend, no answer");
+
+        disk.restart(1);
+        assert_eq!(complete(&d, &q, 2, 1), 0, "answered by the new backend");
+        assert_eq!(BlockMetrics::get(&metrics.reconnects), 1);
+        assert_eq!(disk.read_image(SECTOR, SECTOR as usize), vec![0x22; 512]);
+
+        submit(&d, &q, 2, VIRTIO_BLK_T_OUT, 2, &[0x33; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &q, 3, 2), 0);
+        assert_eq!(disk.read_image(0, 3 * 512)[1024..], [0x33; 512]);
+        assert_eq!(disk.read_image(0, 512), vec![0x11; 512]);
+    }
+}
