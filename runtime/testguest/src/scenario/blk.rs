@@ -12,7 +12,7 @@ use crate::console::Ascii;
 use crate::pci::{self, MmioAllocator};
 use crate::say;
 use crate::start_info::{self, StartInfo};
-use crate::tsc::Deadline;
+use crate::tsc::{self, Deadline};
 use crate::virtio::blk::{
     BlkDevice, DATA_PER_QUEUE, F_DISCARD, F_FLUSH, F_MQ, F_RO, F_WRITE_ZEROES, ID_BYTES, MAX_SLOTS,
     Request, SECTOR_SIZE, Status,
@@ -114,13 +114,15 @@ struct Special {
     start: u64,
     end: u64,
     expect: Expect,
+    /// Why, for a mismatch report.
+    why: &'static str,
 }
 
-fn expected(specials: &[Special], sector: u64) -> Expect {
+fn expected(specials: &[Special], sector: u64) -> (Expect, &'static str) {
     specials
         .iter()
         .find(|s| (s.start..s.end).contains(&sector))
-        .map_or(Expect::Pattern, |s| s.expect)
+        .map_or((Expect::Pattern, "pattern"), |s| (s.expect, s.why))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -305,7 +307,7 @@ fn verify(
     let mut zeroes = 0;
     for s in 0..count {
         let this = sector + s;
-        let expect = expected(specials, this);
+        let (expect, why) = expected(specials, this);
         if expect == Expect::Anything {
             continue;
         }
@@ -319,13 +321,8 @@ fn verify(
             };
             if got != want {
                 return Err(check_failed!(
-                    "sector {this} byte {}: read {got:#018x}, expected {want:#018x} ({})",
-                    w * 8,
-                    if expect == Expect::Zero {
-                        "zeroes"
-                    } else {
-                        "pattern"
-                    }
+                    "sector {this} byte {}: read {got:#018x}, expected {want:#018x} ({why})",
+                    w * 8
                 ));
             }
         }
@@ -398,22 +395,35 @@ fn flush(dev: &mut BlkDevice) -> Result<bool, ScenarioError> {
     Ok(true)
 }
 
-/// The write / read+verify / flush sequence `blk_mode` asks for, over every lane.
+/// The write / read+verify / flush sequence `blk_mode` asks for, over every lane; prints
+/// `<label> stats ...` (notifications sent, phase times).
 fn write_read_flush(
     dev: &mut BlkDevice,
     lanes: &mut [Lane],
     p: &Params,
+    label: &str,
 ) -> Result<bool, ScenarioError> {
+    let t0 = tsc::now();
     if p.mode != Mode::Verify {
         transfer(dev, lanes, Op::Write, p, &[])?;
     }
+    let t1 = tsc::now();
     if p.mode != Mode::Write {
         transfer(dev, lanes, Op::Read, p, &[])?;
     }
-    if p.mode != Mode::Verify {
-        return flush(dev);
-    }
-    Ok(false)
+    let t2 = tsc::now();
+    let flushed = p.mode != Mode::Verify && flush(dev)?;
+    let notifies: u64 = lanes
+        .iter()
+        .filter_map(|l| dev.queue(l.queue).map(|q| q.notifies))
+        .sum();
+    let us = |ticks: u64| ticks / tsc::ticks_per_us().max(1);
+    say!(
+        "{label} stats notifies={notifies} write_us={} read_us={}",
+        us(t1 - t0),
+        us(t2 - t1)
+    );
+    Ok(flushed)
 }
 
 pub fn run(info: &StartInfo) -> Result<(), ScenarioError> {
@@ -421,7 +431,7 @@ pub fn run(info: &StartInfo) -> Result<(), ScenarioError> {
     let mut dev = open()?;
     check_range(&dev, p.sectors)?;
     let mut lanes = [Lane::new(0, 0, p.sectors)];
-    let flushed = write_read_flush(&mut dev, &mut lanes, &p)?;
+    let flushed = write_read_flush(&mut dev, &mut lanes, &p, "blk")?;
     let l = &lanes[0];
     say!(
         "blk wrote={} read={} verified={} flushed={}",
@@ -451,7 +461,7 @@ pub fn run_mq(info: &StartInfo) -> Result<(), ScenarioError> {
     }
     let half = p.sectors / 2;
     let mut lanes = [Lane::new(0, 0, half), Lane::new(1, half, p.sectors)];
-    let flushed = write_read_flush(&mut dev, &mut lanes, &p)?;
+    let flushed = write_read_flush(&mut dev, &mut lanes, &p, "blk-mq")?;
     for l in &lanes {
         say!(
             "blk-mq queue={} sectors={}..{} wrote={} read={} verified={}",
@@ -515,6 +525,7 @@ pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
         start: 0,
         end: 0,
         expect: Expect::Pattern,
+        why: "pattern",
     }; 2];
     if dev.has(F_DISCARD) {
         let (start, end) = (quarter, 2 * quarter);
@@ -547,6 +558,7 @@ pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
             } else {
                 Expect::Anything
             },
+            why: "zeroes after DISCARD; blk_discard_zeroes=0 accepts any data there",
         };
         say!("blk-discard discard={start}..{end}");
     } else {
@@ -576,6 +588,7 @@ pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
             start,
             end,
             expect: Expect::Zero,
+            why: "zeroes after WRITE_ZEROES",
         };
         say!("blk-discard write_zeroes={start}..{end}");
     } else {

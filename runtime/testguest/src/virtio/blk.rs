@@ -314,6 +314,8 @@ pub struct BlkQueue {
     outstanding: u16,
     /// Chains pushed since the last `kick`.
     unkicked: u16,
+    /// Notifications written to the device (each one is a VM exit).
+    pub notifies: u64,
 }
 
 pub struct BlkDevice {
@@ -387,6 +389,7 @@ impl BlkDevice {
                 in_flight: [NO_SLOT; QUEUE_ENTRIES],
                 outstanding: 0,
                 unkicked: 0,
+                notifies: 0,
             });
         }
         if let Err(e) = virtio.driver_ok() {
@@ -570,6 +573,7 @@ impl BlkQueue {
     pub fn kick(&mut self) {
         if self.unkicked > 0 && self.ring.needs_notify() {
             self.notifier.notify();
+            self.notifies += 1;
         }
         self.unkicked = 0;
     }
