@@ -1,6 +1,7 @@
 //! The scenarios a test picks with `scenario=NAME`. Each prints `testguest: ...` lines and
 //! returns Ok (the caller prints PASS and exits 0) or the reason it failed.
 
+mod blk;
 mod fault;
 mod hello;
 mod pci_list;
@@ -18,6 +19,7 @@ use crate::msix::MsixError;
 use crate::pci::PciError;
 use crate::start_info::StartInfo;
 use crate::virtio::VirtioError;
+use crate::virtio::blk::BlkError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -30,10 +32,14 @@ pub enum Scenario {
     Poweroff,
     Reset,
     Fault,
+    Blk,
+    BlkDiscard,
+    BlkRo,
+    BlkMq,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 13] = [
         Self::Hello,
         Self::Exit,
         Self::Smp,
@@ -43,6 +49,10 @@ impl Scenario {
         Self::Poweroff,
         Self::Reset,
         Self::Fault,
+        Self::Blk,
+        Self::BlkDiscard,
+        Self::BlkRo,
+        Self::BlkMq,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +66,10 @@ impl Scenario {
             Self::Poweroff => "poweroff",
             Self::Reset => "reset",
             Self::Fault => "fault",
+            Self::Blk => "blk",
+            Self::BlkDiscard => "blk-discard",
+            Self::BlkRo => "blk-ro",
+            Self::BlkMq => "blk-mq",
         }
     }
 
@@ -83,6 +97,10 @@ impl Scenario {
             Self::Poweroff => poweroff::run(info),
             Self::Reset => reset::run(),
             Self::Fault => fault::run(),
+            Self::Blk => blk::run(info),
+            Self::BlkDiscard => blk::run_discard(info),
+            Self::BlkRo => blk::run_ro(info),
+            Self::BlkMq => blk::run_mq(info),
         }
     }
 }
@@ -108,6 +126,7 @@ pub enum ScenarioError {
     Pci(PciError),
     Msix(MsixError),
     Virtio(VirtioError),
+    Blk(BlkError),
     /// A check of the scenario itself failed.
     Check(Message),
 }
@@ -119,6 +138,7 @@ impl fmt::Display for ScenarioError {
             Self::Pci(e) => write!(f, "{e}"),
             Self::Msix(e) => write!(f, "{e}"),
             Self::Virtio(e) => write!(f, "{e}"),
+            Self::Blk(e) => write!(f, "{e}"),
             Self::Check(m) => write!(f, "{m}"),
         }
     }
@@ -137,6 +157,11 @@ impl From<PciError> for ScenarioError {
 impl From<MsixError> for ScenarioError {
     fn from(e: MsixError) -> Self {
         Self::Msix(e)
+    }
+}
+impl From<BlkError> for ScenarioError {
+    fn from(e: BlkError) -> Self {
+        Self::Blk(e)
     }
 }
 impl From<VirtioError> for ScenarioError {

@@ -1,6 +1,7 @@
 //! Virtio 1.2 drivers' shared parts: the modern PCI transport (§4.1) and split
 //! virtqueues (§2.7). Device drivers (rng today; blk and net later) build on these.
 
+pub mod blk;
 pub mod pci;
 pub mod queue;
 
@@ -16,7 +17,6 @@ pub const fn modern_pci_device_id(virtio_device_id: u16) -> u16 {
 }
 #[allow(dead_code, reason = "for the virtio-net driver to come")]
 pub const VIRTIO_ID_NET: u16 = 1;
-#[allow(dead_code, reason = "for the virtio-blk driver to come")]
 pub const VIRTIO_ID_BLOCK: u16 = 2;
 pub const VIRTIO_ID_RNG: u16 = 4;
 

@@ -22,9 +22,9 @@ const DEVICE_FEATURE: u64 = 0x04;
 const DRIVER_FEATURE_SELECT: u64 = 0x08;
 const DRIVER_FEATURE: u64 = 0x0c;
 const CONFIG_MSIX_VECTOR: u64 = 0x10;
-#[allow(dead_code, reason = "used by num_queues")]
 const NUM_QUEUES: u64 = 0x12;
 const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_GENERATION: u64 = 0x15;
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_SIZE: u64 = 0x18;
 const QUEUE_MSIX_VECTOR: u64 = 0x1a;
@@ -57,6 +57,13 @@ struct Region {
 pub struct QueueNotifier {
     queue: u16,
     addr: u64,
+}
+
+impl QueueNotifier {
+    /// Tells the device new buffers are available in the queue (§4.1.5.2).
+    pub fn notify(&self) {
+        phys::write::<u16>(self.addr, self.queue);
+    }
 }
 
 #[derive(Debug)]
@@ -185,10 +192,6 @@ impl VirtioPci {
         self.add_status(STATUS_FAILED);
     }
 
-    #[allow(
-        dead_code,
-        reason = "transport API for the virtio-blk/net drivers to come"
-    )]
     pub fn num_queues(&self) -> u16 {
         self.read16(NUM_QUEUES)
     }
@@ -297,7 +300,7 @@ impl VirtioPci {
 
     /// Tells the device new buffers are available in the queue (§4.1.5.2).
     pub fn notify(&self, notifier: &QueueNotifier) {
-        phys::write::<u16>(notifier.addr, notifier.queue);
+        notifier.notify();
     }
 
     /// Reads (and thereby clears) the ISR status byte (§4.1.4.5).
@@ -305,14 +308,33 @@ impl VirtioPci {
         phys::read::<u8>(self.isr)
     }
 
-    #[allow(
-        dead_code,
-        reason = "transport API for the virtio-blk/net drivers to come"
-    )]
-    /// Reads a 32-bit field of the device-specific configuration, if the device has one.
-    pub fn device_config_read32(&self, offset: u32) -> Option<u32> {
+    /// Reads a 16- or 32-bit field of the device-specific configuration: `None` if
+    /// the device has none or the field lies outside it (or is misaligned).
+    fn device_config_read<T: Copy>(&self, offset: u32) -> Option<T> {
         let cfg = self.device_cfg?;
-        (offset.is_multiple_of(4) && offset + 4 <= cfg.len)
-            .then(|| phys::read::<u32>(cfg.addr + u64::from(offset)))
+        let size = core::mem::size_of::<T>() as u32;
+        (offset.is_multiple_of(size) && offset.checked_add(size)? <= cfg.len)
+            .then(|| phys::read::<T>(cfg.addr + u64::from(offset)))
+    }
+
+    pub fn device_config_read16(&self, offset: u32) -> Option<u16> {
+        self.device_config_read::<u16>(offset)
+    }
+
+    pub fn device_config_read32(&self, offset: u32) -> Option<u32> {
+        self.device_config_read::<u32>(offset)
+    }
+
+    /// Reads a 64-bit field as two 32-bit reads, retried until `config_generation` is the
+    /// same before and after (§4.1.4.3.1: the halves then belong together).
+    pub fn device_config_read64(&self, offset: u32) -> Option<u64> {
+        loop {
+            let generation = self.read8(CONFIG_GENERATION);
+            let low = self.device_config_read32(offset)?;
+            let high = self.device_config_read32(offset.checked_add(4)?)?;
+            if self.read8(CONFIG_GENERATION) == generation {
+                return Some(u64::from(low) | (u64::from(high) << 32));
+            }
+        }
     }
 }

@@ -12,6 +12,10 @@ use crate::dma;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+/// §2.7.7: the driver does not want used-buffer notifications (it polls).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// §2.7.10: the device does not need available-buffer notifications right now.
+const USED_F_NO_NOTIFY: u16 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -138,6 +142,30 @@ impl<const N: usize> SplitQueue<N> {
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Free descriptors: a chain of up to this many buffers can be pushed.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Asks the device not to send used-buffer notifications (a polling driver; §2.7.7).
+    /// Only a hint: the device may still send them.
+    pub fn suppress_interrupts(&mut self) {
+        // SAFETY: the driver owns avail.flags, a field of our allocation.
+        unsafe {
+            addr_of_mut!((*self.mem.as_ptr()).avail.flags).write_volatile(AVAIL_F_NO_INTERRUPT)
+        };
+        fence(Ordering::SeqCst);
+    }
+
+    /// Whether the device wants a notification for buffers pushed so far: false while it
+    /// sets VIRTQ_USED_F_NO_NOTIFY (it is polling the ring; §2.7.10). Call after `push`.
+    pub fn needs_notify(&self) -> bool {
+        // `push` ended with a fence, so avail.idx is visible before this read.
+        // SAFETY: used.flags is a field of our allocation that the device writes; volatile.
+        let flags = unsafe { addr_of!((*self.mem.as_ptr()).used.flags).read_volatile() };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     pub fn desc_addr(&self) -> u64 {
