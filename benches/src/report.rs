@@ -40,12 +40,11 @@ impl SuiteReport {
         if !self.goals.is_empty() {
             md.push_str("\n## Goals\n\n");
             for goal in &self.goals {
+                let what = if goal.on_ratio { "ratio" } else { "ferrovirt" };
                 let line = match goal.check(&self.rows) {
-                    Some((true, value)) => {
-                        format!("- met: {} (ferrovirt {})", goal.text, num(value))
-                    }
-                    Some((false, value)) => {
-                        format!("- NOT met: {} (ferrovirt {})", goal.text, num(value))
+                    Some((met, value)) => {
+                        let verdict = if met { "met" } else { "NOT met" };
+                        format!("- {verdict}: {} ({what} {})", goal.text, num(value))
                     }
                     None => format!("- not measured: {}", goal.text),
                 };

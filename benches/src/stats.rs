@@ -164,6 +164,8 @@ pub struct Goal {
     pub better: Better,
     /// How a person says it, e.g. "≤ 5 CPU ms to guest entry".
     pub text: String,
+    /// The limit applies to the ferrovirt ÷ peer ratio rather than to ferrovirt's median.
+    pub on_ratio: bool,
 }
 
 impl Goal {
@@ -173,6 +175,7 @@ impl Goal {
             limit,
             better: Better::Lower,
             text: text.to_string(),
+            on_ratio: false,
         }
     }
 
@@ -182,13 +185,26 @@ impl Goal {
             limit,
             better: Better::Higher,
             text: text.to_string(),
+            on_ratio: false,
+        }
+    }
+
+    /// ferrovirt must reach `limit` times the peer's median.
+    pub fn ratio_at_least(metric: &str, limit: f64, text: &str) -> Goal {
+        Goal {
+            on_ratio: true,
+            ..Goal::at_least(metric, limit, text)
         }
     }
 
     /// `Some(met)` with ferrovirt's median, or `None` when the metric is not in `rows`.
     pub fn check(&self, rows: &[Summary]) -> Option<(bool, f64)> {
         let row = rows.iter().find(|s| s.row.name == self.metric)?;
-        let value = row.row.ferrovirt;
+        let value = if self.on_ratio {
+            row.row.ratio?
+        } else {
+            row.row.ferrovirt
+        };
         let met = match self.better {
             Better::Lower => value <= self.limit,
             Better::Higher => value >= self.limit,

@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 /// The environment variable that names a prebuilt VMM binary and skips building it.
 pub const VMM_ENV: &str = "FERROVIRT_VMM";
+/// Overrides the vhost-user-blk backend binary.
+pub const VHOST_BLK_ENV: &str = "FERROVIRT_VHOST_BLK";
 /// The environment variable that names a prebuilt test guest ELF and skips building it.
 pub const TESTGUEST_ENV: &str = "FERROVIRT_TESTGUEST";
 
@@ -79,6 +81,18 @@ pub fn try_vmm_binary() -> Result<PathBuf, ArtifactError> {
     VMM.get_or_init(build_vmm).clone()
 }
 
+/// Returns the vhost-user-blk backend: `$FERROVIRT_VHOST_BLK` if set, else a release build made
+/// once per process.
+pub fn try_vhost_blk_binary() -> Result<PathBuf, ArtifactError> {
+    static BLK: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    BLK.get_or_init(build_vhost_blk).clone()
+}
+
+/// Like [`try_vhost_blk_binary`]; panics with the reason.
+pub fn vhost_blk_binary() -> PathBuf {
+    try_vhost_blk_binary().unwrap_or_else(|e| panic!("ferrovirt-vhost-blk unavailable: {e}"))
+}
+
 fn build_testguest() -> Result<PathBuf, ArtifactError> {
     if let Some(path) = override_path(TESTGUEST_ENV)? {
         return Ok(path);
@@ -129,22 +143,35 @@ fn find_testguest_elf(target: &Path) -> Option<PathBuf> {
 }
 
 fn build_vmm() -> Result<PathBuf, ArtifactError> {
-    if let Some(path) = override_path(VMM_ENV)? {
+    build_release_binary(VMM_ENV, "ferrovirt-runtime", "ferrovirt-vmm", "vmm")
+}
+
+fn build_vhost_blk() -> Result<PathBuf, ArtifactError> {
+    build_release_binary(
+        VHOST_BLK_ENV,
+        "ferrovirt-vhost-blk",
+        "ferrovirt-vhost-blk",
+        "vhost-blk",
+    )
+}
+
+/// `$env_var` if set, else `cargo build --release -p package --bin bin` (under a lock named
+/// `lock`) and its output in the target dir.
+fn build_release_binary(
+    env_var: &'static str,
+    package: &str,
+    bin: &str,
+    lock: &str,
+) -> Result<PathBuf, ArtifactError> {
+    if let Some(path) = override_path(env_var)? {
         return Ok(path);
     }
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--release",
-        "-p",
-        "ferrovirt-runtime",
-        "--bin",
-        "ferrovirt-vmm",
-    ])
-    .current_dir(repo_root());
-    let command = "cargo build --release -p ferrovirt-runtime --bin ferrovirt-vmm".to_string();
-    run_locked(&mut cmd, &command, "vmm")?;
-    let path = target_dir().join("release").join("ferrovirt-vmm");
+    cmd.args(["build", "--release", "-p", package, "--bin", bin])
+        .current_dir(repo_root());
+    let command = format!("cargo build --release -p {package} --bin {bin}");
+    run_locked(&mut cmd, &command, lock)?;
+    let path = target_dir().join("release").join(bin);
     if path.is_file() {
         Ok(path)
     } else {

@@ -11,7 +11,10 @@ pub mod process;
 pub mod storage_daemon;
 pub mod vmm;
 
-pub use artifacts::{repo_root, testguest, try_testguest, try_vmm_binary, vmm_binary};
+pub use artifacts::{
+    repo_root, testguest, try_testguest, try_vhost_blk_binary, try_vmm_binary, vhost_blk_binary,
+    vmm_binary,
+};
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};

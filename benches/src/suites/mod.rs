@@ -1,6 +1,7 @@
 //! The registry of benchmark suites. A suite is one function from the run settings to a
 //! report; adding one (`blk`, `net`) is a module here and one line in [`SUITES`].
 
+pub mod blk;
 pub mod vmm_startup;
 
 use crate::report::SuiteReport;
@@ -21,7 +22,7 @@ pub struct Suite {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const SUITES: &[Suite] = &[vmm_startup::SUITE];
+pub const SUITES: &[Suite] = &[vmm_startup::SUITE, blk::SUITE];
 
 /// The suite called `name`.
 pub fn find(name: &str) -> Option<&'static Suite> {

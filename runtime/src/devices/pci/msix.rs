@@ -314,7 +314,10 @@ mod tests {
         program(&msix, 0, 0x58, true);
         msix.irqfd(0).unwrap().write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!vm.lapic_irr_has(0x58), "a masked vector must not reach the CPU");
+        assert!(
+            !vm.lapic_irr_has(0x58),
+            "a masked vector must not reach the CPU"
+        );
 
         msix.write_table(12, &0u32.to_le_bytes());
         assert!(
