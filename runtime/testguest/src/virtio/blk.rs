@@ -217,7 +217,7 @@ impl fmt::Display for BlkError {
             Self::Virtio(e) => write!(f, "{e}"),
             Self::NoDeviceConfig => write!(
                 f,
-                "virtio-blk has no device configuration capability; capacity is unknown"
+                "virtio-blk capacity unreadable: no device configuration capability, or its config_generation never settled"
             ),
             Self::NoQueueMemory { needed, available } => write!(
                 f,
@@ -327,6 +327,28 @@ impl BlkDevice {
     ) -> Result<Self, BlkError> {
         let virtio = VirtioPci::probe(dev, alloc)?;
         let features = virtio.initialize(WANTED)?;
+        match Self::configure(&virtio, features, scratch) {
+            Ok((config, queues)) => Ok(Self {
+                virtio,
+                features,
+                config,
+                queues,
+            }),
+            Err(e) => {
+                // §3.1.1: tell the device the driver gave up.
+                virtio.fail();
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the configuration, sets up the queues and sets DRIVER_OK.
+    #[allow(clippy::type_complexity)]
+    fn configure(
+        virtio: &VirtioPci,
+        features: u64,
+        scratch: &mut Scratch,
+    ) -> Result<(BlkConfig, [Option<BlkQueue>; MAX_QUEUES]), BlkError> {
         let has = |f: u64| features & f != 0;
         let capacity = virtio
             .device_config_read64(CFG_CAPACITY)
@@ -394,16 +416,8 @@ impl BlkDevice {
                 notifies: 0,
             });
         }
-        if let Err(e) = virtio.driver_ok() {
-            virtio.fail();
-            return Err(e.into());
-        }
-        Ok(Self {
-            virtio,
-            features,
-            config,
-            queues,
-        })
+        virtio.driver_ok()?;
+        Ok((config, queues))
     }
 
     pub fn has(&self, feature: u64) -> bool {
