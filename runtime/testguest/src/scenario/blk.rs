@@ -9,6 +9,7 @@
 
 use super::{ScenarioError, check_failed};
 use crate::console::Ascii;
+use crate::dma::Scratch;
 use crate::pci::{self, MmioAllocator};
 use crate::say;
 use crate::start_info::{self, StartInfo};
@@ -335,7 +336,12 @@ fn verify(
 }
 
 /// Finds and opens the first virtio-blk device and prints its description line.
-fn open() -> Result<BlkDevice, ScenarioError> {
+fn open(info: &StartInfo) -> Result<BlkDevice, ScenarioError> {
+    let mut scratch = Scratch::claim(info).ok_or_else(|| {
+        check_failed!(
+            "no RAM above the image for virtio-blk buffers (memory map missing, too small, or a boot module in the way)"
+        )
+    })?;
     let devices = pci::enumerate_bus0();
     let device_id = modern_pci_device_id(VIRTIO_ID_BLOCK);
     let pci_dev = devices.find(VIRTIO_PCI_VENDOR, device_id).ok_or_else(|| {
@@ -344,7 +350,7 @@ fn open() -> Result<BlkDevice, ScenarioError> {
         )
     })?;
     let mut alloc = MmioAllocator::avoiding(&devices);
-    let mut dev = BlkDevice::open(pci_dev, &mut alloc)?;
+    let mut dev = BlkDevice::open(pci_dev, &mut alloc, &mut scratch)?;
     let id = dev.run_one(0, Request::GetId, IDLE_TIMEOUT_US)?;
     let c = dev.config;
     say!(
@@ -428,7 +434,7 @@ fn write_read_flush(
 
 pub fn run(info: &StartInfo) -> Result<(), ScenarioError> {
     let p = Params::parse(info)?;
-    let mut dev = open()?;
+    let mut dev = open(info)?;
     check_range(&dev, p.sectors)?;
     let mut lanes = [Lane::new(0, 0, p.sectors)];
     let flushed = write_read_flush(&mut dev, &mut lanes, &p, "blk")?;
@@ -446,7 +452,7 @@ pub fn run(info: &StartInfo) -> Result<(), ScenarioError> {
 
 pub fn run_mq(info: &StartInfo) -> Result<(), ScenarioError> {
     let p = Params::parse(info)?;
-    let mut dev = open()?;
+    let mut dev = open(info)?;
     check_range(&dev, p.sectors)?;
     if dev.queue_count() < 2 || p.sectors < 2 {
         return Err(check_failed!(
@@ -507,7 +513,7 @@ fn ranged(
 
 pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
     let p = Params::parse(info)?;
-    let mut dev = open()?;
+    let mut dev = open(info)?;
     check_range(&dev, p.sectors)?;
     let c = dev.config;
     let (r, quarter) = (p.sectors, p.sectors / 4);
@@ -516,7 +522,7 @@ pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
     }
     if !dev.has(F_DISCARD) && !dev.has(F_WRITE_ZEROES) {
         return Err(check_failed!(
-            "the device offers neither DISCARD nor WRITE_ZEROES (QEMU: discard=unmap on the drive)"
+            "the device offers neither DISCARD nor WRITE_ZEROES (QEMU virtio-blk-pci: discard=on, write-zeroes=on, its defaults)"
         ));
     }
     let mut lanes = [Lane::new(0, 0, r)];
@@ -611,7 +617,7 @@ pub fn run_discard(info: &StartInfo) -> Result<(), ScenarioError> {
 
 pub fn run_ro(info: &StartInfo) -> Result<(), ScenarioError> {
     let p = Params::parse(info)?;
-    let mut dev = open()?;
+    let mut dev = open(info)?;
     if !dev.has(F_RO) {
         return Err(check_failed!(
             "the device does not offer VIRTIO_BLK_F_RO (QEMU: readonly=on on the drive)"

@@ -14,7 +14,7 @@ use core::ptr::{NonNull, addr_of, addr_of_mut};
 use super::pci::{QueueNotifier, VirtioPci};
 use super::queue::{Buffer, QueueMemory, SplitQueue};
 use super::{NO_VECTOR, VirtioError};
-use crate::dma::{self, DmaCell};
+use crate::dma::{self, Scratch};
 use crate::pci::{MmioAllocator, PciDevice};
 use crate::tsc;
 
@@ -86,30 +86,14 @@ struct Slot {
     request: Request,
 }
 
-impl Slot {
-    const ZERO: Self = Self {
-        kind: 0,
-        reserved: 0,
-        sector: 0,
-        range_sector: 0,
-        range_sectors: 0,
-        range_flags: 0,
-        id: [0; ID_BYTES],
-        status: 0,
-        tag: 0,
-        request: Request::Flush,
-    };
-}
-
 #[repr(C, align(4096))]
 pub struct DataArea([u8; DATA_PER_QUEUE]);
 
-static QUEUE_MEM: [DmaCell<QueueMemory<QUEUE_ENTRIES>>; MAX_QUEUES] =
-    [const { DmaCell::new(QueueMemory::new()) }; MAX_QUEUES];
-static SLOT_MEM: [DmaCell<[Slot; MAX_SLOTS]>; MAX_QUEUES] =
-    [const { DmaCell::new([Slot::ZERO; MAX_SLOTS]) }; MAX_QUEUES];
-static DATA_MEM: [DmaCell<DataArea>; MAX_QUEUES] =
-    [const { DmaCell::new(DataArea([0; DATA_PER_QUEUE])) }; MAX_QUEUES];
+/// Scratch RAM one queue needs: ring, slots and data area (with alignment slack).
+pub const SCRATCH_PER_QUEUE: u64 = (core::mem::size_of::<QueueMemory<QUEUE_ENTRIES>>()
+    + core::mem::size_of::<[Slot; MAX_SLOTS]>()
+    + DATA_PER_QUEUE
+    + 2 * 4096) as u64;
 
 /// A block request. `offset`/`len` locate the data in the queue's data area.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,7 +176,11 @@ pub enum BlkError {
     Virtio(VirtioError),
     /// The device has no device-specific configuration structure.
     NoDeviceConfig,
-    NoQueueMemory,
+    /// Not enough scratch RAM above the image for the queues.
+    NoQueueMemory {
+        needed: u64,
+        available: u64,
+    },
     /// A request's data lies outside the queue's data area or is not whole sectors.
     BadBuffer {
         offset: usize,
@@ -229,9 +217,12 @@ impl fmt::Display for BlkError {
             Self::Virtio(e) => write!(f, "{e}"),
             Self::NoDeviceConfig => write!(
                 f,
-                "virtio-blk has no device configuration capability; capacity is unknown"
+                "virtio-blk capacity unreadable: no device configuration capability, or its config_generation never settled"
             ),
-            Self::NoQueueMemory => write!(f, "virtio-blk queue memory already in use"),
+            Self::NoQueueMemory { needed, available } => write!(
+                f,
+                "virtio-blk queues need {needed} bytes of RAM above the test guest image, {available} are free; give the VM more memory"
+            ),
             Self::BadBuffer { offset, len } => write!(
                 f,
                 "request data at offset {offset} len {len} is not whole sectors inside the {DATA_PER_QUEUE}-byte data area"
@@ -328,9 +319,36 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// Brings `dev` up (§3.1.1): negotiates the features the driver knows, reads the
     /// configuration and sets up every queue (up to `MAX_QUEUES`), polled.
-    pub fn open(dev: PciDevice, alloc: &mut MmioAllocator) -> Result<Self, BlkError> {
+    /// Queue memory comes from `scratch` (`SCRATCH_PER_QUEUE` bytes per queue).
+    pub fn open(
+        dev: PciDevice,
+        alloc: &mut MmioAllocator,
+        scratch: &mut Scratch,
+    ) -> Result<Self, BlkError> {
         let virtio = VirtioPci::probe(dev, alloc)?;
         let features = virtio.initialize(WANTED)?;
+        match Self::configure(&virtio, features, scratch) {
+            Ok((config, queues)) => Ok(Self {
+                virtio,
+                features,
+                config,
+                queues,
+            }),
+            Err(e) => {
+                // §3.1.1: tell the device the driver gave up.
+                virtio.fail();
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the configuration, sets up the queues and sets DRIVER_OK.
+    #[allow(clippy::type_complexity)]
+    fn configure(
+        virtio: &VirtioPci,
+        features: u64,
+        scratch: &mut Scratch,
+    ) -> Result<(BlkConfig, [Option<BlkQueue>; MAX_QUEUES]), BlkError> {
         let has = |f: u64| features & f != 0;
         let capacity = virtio
             .device_config_read64(CFG_CAPACITY)
@@ -371,10 +389,16 @@ impl BlkDevice {
         let mut queues = [const { None }; MAX_QUEUES];
         for (i, q) in queues.iter_mut().enumerate().take(count) {
             let index = i as u16;
-            let (Some(mem), Some(slots), Some(data)) =
-                (QUEUE_MEM[i].take(), SLOT_MEM[i].take(), DATA_MEM[i].take())
-            else {
-                return Err(BlkError::NoQueueMemory);
+            let available = scratch.available();
+            let (Some(mem), Some(slots), Some(data)) = (
+                scratch.alloc::<QueueMemory<QUEUE_ENTRIES>>(),
+                scratch.alloc::<[Slot; MAX_SLOTS]>(),
+                scratch.alloc::<DataArea>(),
+            ) else {
+                return Err(BlkError::NoQueueMemory {
+                    needed: SCRATCH_PER_QUEUE * (count - i) as u64,
+                    available,
+                });
             };
             let mut ring = SplitQueue::new(mem, virtio.queue_max_size(index));
             ring.suppress_interrupts();
@@ -392,16 +416,8 @@ impl BlkDevice {
                 notifies: 0,
             });
         }
-        if let Err(e) = virtio.driver_ok() {
-            virtio.fail();
-            return Err(e.into());
-        }
-        Ok(Self {
-            virtio,
-            features,
-            config,
-            queues,
-        })
+        virtio.driver_ok()?;
+        Ok((config, queues))
     }
 
     pub fn has(&self, feature: u64) -> bool {

@@ -44,6 +44,7 @@ pub const STATUS_DEVICE_NEEDS_RESET: u8 = 64;
 pub const STATUS_FAILED: u8 = 128;
 
 const RESET_TIMEOUT_US: u64 = 1_000_000;
+const CONFIG_READ_TRIES: u32 = 100;
 
 /// A configuration structure located in a BAR.
 #[derive(Debug, Clone, Copy)]
@@ -326,9 +327,10 @@ impl VirtioPci {
     }
 
     /// Reads a 64-bit field as two 32-bit reads, retried until `config_generation` is the
-    /// same before and after (§4.1.4.3.1: the halves then belong together).
+    /// same before and after (§4.1.4.3.1: the halves then belong together). `None` also
+    /// if the generation never settles within `CONFIG_READ_TRIES` tries.
     pub fn device_config_read64(&self, offset: u32) -> Option<u64> {
-        loop {
+        for _ in 0..CONFIG_READ_TRIES {
             let generation = self.read8(CONFIG_GENERATION);
             let low = self.device_config_read32(offset)?;
             let high = self.device_config_read32(offset.checked_add(4)?)?;
@@ -336,5 +338,6 @@ impl VirtioPci {
                 return Some(u64::from(low) | (u64::from(high) << 32));
             }
         }
+        None
     }
 }
