@@ -3,12 +3,14 @@
 //! fetches a real Debian kernel, and names kernel objects uniquely.
 
 pub mod artifacts;
+pub mod blk_pattern;
 pub mod bzimage;
 pub mod http;
 pub mod kernel;
 pub mod names;
 pub mod process;
 pub mod storage_daemon;
+pub mod vhost_blk;
 pub mod vmm;
 
 pub use artifacts::{
@@ -19,4 +21,5 @@ pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
 pub use storage_daemon::StorageDaemon;
+pub use vhost_blk::VhostBlkBackend;
 pub use vmm::{VmmBuilder, VmmError, VmmProcess};

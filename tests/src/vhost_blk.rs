@@ -1,0 +1,77 @@
+//! Our vhost-user-blk backend (`ferrovirt-vhost-blk`) as a guarded process for end-to-end
+//! tests: started on an image and a socket, stopped (or crashed) by its guard.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::process::{GuardedProcess, ProcessError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VhostBlkError {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("ferrovirt-vhost-blk did not listen on {socket} within {timeout:?}; stderr: {stderr}")]
+    NoSocket {
+        socket: PathBuf,
+        timeout: Duration,
+        stderr: String,
+    },
+}
+
+/// A running `ferrovirt-vhost-blk`; dropping it stops it (SIGTERM, then SIGKILL).
+#[derive(Debug)]
+pub struct VhostBlkBackend {
+    process: GuardedProcess,
+    socket: PathBuf,
+}
+
+impl VhostBlkBackend {
+    /// Serves `image` on `socket` with extra flags (`--num-queues 2`, `--read-only`, ...)
+    /// and waits until it listens. Output goes to `<socket>.out` / `<socket>.err`.
+    pub fn start(image: &Path, socket: &Path, flags: &[&str]) -> Result<Self, VhostBlkError> {
+        let mut cmd = Command::new(crate::vhost_blk_binary());
+        cmd.arg("--image")
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .args(flags);
+        let mut process = GuardedProcess::spawn(
+            cmd,
+            &socket.with_extension("out"),
+            &socket.with_extension("err"),
+        )?;
+        let timeout = Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
+        // A socket file left by a crashed predecessor exists before we listen: wait for
+        // a connectable one.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if process.try_exit()?.is_some() || Instant::now() > deadline {
+                return Err(VhostBlkError::NoSocket {
+                    socket: socket.to_owned(),
+                    timeout,
+                    stderr: process.stderr(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(VhostBlkBackend {
+            process,
+            socket: socket.to_owned(),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn stderr(&self) -> String {
+        self.process.stderr()
+    }
+
+    /// SIGKILL, as a crash: no clean disconnect.
+    pub fn crash(mut self) -> Result<(), VhostBlkError> {
+        self.process.kill()?;
+        Ok(())
+    }
+}
