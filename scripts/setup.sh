@@ -9,9 +9,10 @@ set -euo pipefail
 #   qemu-system-x86  the benchmark peer (vmm-startup) and its tests
 #   iproute2         `ip` for the harness's netns/TAP guards
 #   acpica-tools     iasl, which checks the ACPI tables the VMM writes
+#   fio              the host io_uring limit in the blk benchmark
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
