@@ -12,7 +12,8 @@ const IMAGE_SIZE: u64 = 4 << 20;
 
 /// A raw image in a scratch directory and qemu-storage-daemon serving it.
 struct Disk {
-    _daemon: StorageDaemon,
+    daemon: Option<StorageDaemon>,
+    image: PathBuf,
     socket: PathBuf,
     _dir: ScratchDir,
 }
@@ -27,9 +28,26 @@ fn disk(label: &str) -> Disk {
     let socket = dir.join("disk.sock");
     let daemon = StorageDaemon::start(&image, &socket, 1).expect("qemu-storage-daemon");
     Disk {
-        _daemon: daemon,
+        daemon: Some(daemon),
+        image,
         socket,
         _dir: dir,
+    }
+}
+
+/// Polls `vm.counters` until `disk0.<counter>` reaches `value`.
+fn wait_for_disk_counter(vmm: &VmmProcess, counter: &str, value: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = vmm.api("GET", "/api/v1/vm.counters", None).unwrap();
+        if json(&body)["disk0"][counter] == value {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disk0.{counter} never reached {value}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -93,6 +111,38 @@ fn disks_from_the_api_report_their_counters() {
     }
     assert_eq!(vmm.api("PUT", "/api/v1/vmm.shutdown", None).unwrap().0, 204);
     vmm.wait_timeout(TIMEOUT).unwrap();
+}
+
+#[test]
+fn the_vmm_survives_a_backend_crash_and_reconnects_to_its_successor() {
+    let mut d = disk("blk-crash");
+    let mut vmm = VmmProcess::builder("blk-crash")
+        .unwrap()
+        .with_api_socket()
+        .args([
+            "--kernel".to_string(),
+            testguest().display().to_string(),
+            "--cmdline".into(),
+            "scenario=ticker".into(),
+            "--memory".into(),
+            "64".into(),
+            "--disk".into(),
+            format!("socket={}", d.socket.display()),
+        ])
+        .spawn()
+        .unwrap();
+    vmm.wait_for_api(TIMEOUT).unwrap();
+
+    d.daemon.take().unwrap().crash().unwrap();
+    wait_for_disk_counter(&vmm, "disconnects", 1);
+    let (status, _) = vmm.api("GET", "/api/v1/vm.info", None).unwrap();
+    assert_eq!(status, 200, "the VM runs on without its backend");
+
+    d.daemon = Some(StorageDaemon::start(&d.image, &d.socket, 1).unwrap());
+    wait_for_disk_counter(&vmm, "reconnects", 1);
+    assert_eq!(vmm.api("PUT", "/api/v1/vmm.shutdown", None).unwrap().0, 204);
+    let status = vmm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vmm.stderr_output());
 }
 
 #[test]

@@ -281,9 +281,17 @@ mod tests {
             .unwrap();
         assert_eq!(back, pattern);
 
-        // Reset takes the rings back (GET_VRING_BASE answers); the device starts again.
+        // Reset takes the rings back (GET_VRING_BASE answers); a new driver starts again
+        // from index 0 on fresh rings.
         d.set_status(0);
         assert_eq!(d.status(), 0);
+        let fresh = DriverQueue::new(&guest, QUEUE_AT + 0x4000, 16);
+        start_queue(&d, &fresh);
+        submit(&d, &fresh, 2, VIRTIO_BLK_T_OUT, 3, &[0x5a; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &fresh, 1, 2), 0);
+        assert_eq!(disk.read_image(3 * SECTOR, SECTOR as usize), [0x5a; 512]);
+        assert_eq!(BlockMetrics::get(&metrics.activations), 2);
         assert_eq!(BlockMetrics::get(&metrics.backend_errors), 0);
     }
 
