@@ -356,8 +356,10 @@ impl QueueWorker {
                 }
             }
         }
-        if let Err(e) = self.engine.submit() {
-            tracing::error!(queue, error = %e, "io_uring submit failed");
+        match self.engine.submit() {
+            Ok(0) => {}
+            Ok(ops) => shared.metrics.count_submit(ops),
+            Err(e) => tracing::error!(queue, error = %e, "io_uring submit failed"),
         }
         // Completions that are already there save a trip through the event loop.
         self.reap_completions(shared);

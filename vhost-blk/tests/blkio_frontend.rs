@@ -186,6 +186,12 @@ fn batched_writes_read_back_and_land_in_the_image_file() {
     assert_eq!(metrics.requests_of(RequestType::Flush), 1);
     assert_eq!(metrics.bytes_written, 8 * chunk as u64);
     assert_eq!(metrics.total_rejected(), 0);
+    assert_eq!(metrics.io_ops_submitted, 17);
+    assert!(
+        metrics.io_submits <= 3,
+        "17 requests in 3 batches took {} submits",
+        metrics.io_submits
+    );
 
     let on_disk = std::fs::read(&image).unwrap();
     for i in 0..8 {
