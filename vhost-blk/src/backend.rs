@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 use crate::config::Disk;
 use crate::io::{IoEngine, IoError, IoOp};
 use crate::metrics::Metrics;
+use crate::order::{CompletionOrder, UsedEntry};
 use crate::request::{
     DeviceLimits, Operation, Rejection, Request, RequestType, SECTOR_SHIFT, Segment,
     VIRTIO_BLK_ID_BYTES, parse_request,
@@ -70,6 +71,8 @@ struct Shared {
 /// A request the kernel is working on.
 struct InFlightRequest {
     head: u16,
+    /// Position in the order the guest made requests available.
+    sequence: u64,
     status: GuestAddress,
     kind: RequestType,
     ops_left: u32,
@@ -88,6 +91,7 @@ struct QueueWorker {
     vring: Option<VringRwLock>,
     requests: Vec<Option<InFlightRequest>>,
     free: Vec<usize>,
+    order: CompletionOrder,
 }
 
 impl BlkBackend {
@@ -137,6 +141,7 @@ impl BlkBackend {
                     vring: None,
                     requests: Vec::new(),
                     free: Vec::new(),
+                    order: CompletionOrder::default(),
                 }))
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
@@ -330,15 +335,16 @@ impl QueueWorker {
                     queue.pop_descriptor_chain(memory.clone())
                 };
                 let Some(chain) = chain else { break };
+                let sequence = self.order.take();
                 match parse_request(chain, &shared.limits) {
                     Ok(request) => {
                         shared
                             .metrics
                             .count_request(request.operation.request_type());
-                        completed_inline |= self.start_request(shared, &vring, &memory, request);
+                        completed_inline |= self.start_request(shared, &memory, request, sequence);
                     }
                     Err(rejection) => {
-                        self.reject(shared, &vring, &memory, rejection);
+                        self.reject(shared, &memory, rejection, sequence);
                         completed_inline = true;
                     }
                 }
@@ -368,7 +374,18 @@ impl QueueWorker {
         }
     }
 
-    fn reject(&mut self, shared: &Shared, vring: &VringRwLock, memory: &MemoryGuard, r: Rejection) {
+    /// Hands a completed request to the used ring once every earlier one is there.
+    fn publish(&mut self, sequence: u64, head: u16, len: u32) {
+        self.order.complete(sequence, UsedEntry { head, len });
+        let Some(vring) = &self.vring else { return };
+        for entry in self.order.release() {
+            if let Err(e) = vring.add_used(entry.head, entry.len) {
+                tracing::warn!(head = entry.head, error = ?e, "cannot return a request to the used ring");
+            }
+        }
+    }
+
+    fn reject(&mut self, shared: &Shared, memory: &MemoryGuard, r: Rejection, sequence: u64) {
         shared.metrics.count_request(r.request_type);
         shared.metrics.count_rejected(r.reason);
         tracing::debug!(head = r.head, reason = %r.reason, "rejected guest request");
@@ -377,38 +394,34 @@ impl QueueWorker {
             let _ = memory.write_obj(r.reason.status(), status);
         }
         let len = u32::from(r.status.is_some());
-        if let Err(e) = vring.add_used(r.head, len) {
-            tracing::warn!(head = r.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(sequence, r.head, len);
     }
 
     fn complete_now(
-        &self,
-        vring: &VringRwLock,
+        &mut self,
         memory: &MemoryGuard,
         request: &Request,
+        sequence: u64,
         status: u32,
         written: u32,
     ) {
         let _ = memory.write_obj(status as u8, request.status);
-        if let Err(e) = vring.add_used(request.head, written + 1) {
-            tracing::warn!(head = request.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(sequence, request.head, written + 1);
     }
 
     /// Queues the I/O of `request`; returns true when it completed without I/O.
     fn start_request(
         &mut self,
         shared: &Shared,
-        vring: &VringRwLock,
         memory: &MemoryGuard,
         request: Request,
+        sequence: u64,
     ) -> bool {
         let kind = request.operation.request_type();
         let (ops, expected_result, written_to_guest, bytes) = match &request.operation {
             Operation::GetId { segments } => {
                 let written = write_serial(memory, segments, &shared.serial);
-                self.complete_now(vring, memory, &request, VIRTIO_BLK_S_OK, written);
+                self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_OK, written);
                 return true;
             }
             Operation::Read {
@@ -426,7 +439,7 @@ impl QueueWorker {
                     *len,
                 ),
                 None => {
-                    self.complete_now(vring, memory, &request, VIRTIO_BLK_S_IOERR, 0);
+                    self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_IOERR, 0);
                     return true;
                 }
             },
@@ -445,7 +458,7 @@ impl QueueWorker {
                     *len,
                 ),
                 None => {
-                    self.complete_now(vring, memory, &request, VIRTIO_BLK_S_IOERR, 0);
+                    self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_IOERR, 0);
                     return true;
                 }
             },
@@ -476,6 +489,7 @@ impl QueueWorker {
         };
         self.requests[slot] = Some(InFlightRequest {
             head: request.head,
+            sequence,
             status: request.status,
             kind,
             ops_left: ops.len() as u32,
@@ -555,11 +569,7 @@ impl QueueWorker {
             (VIRTIO_BLK_S_OK, r.written_to_guest)
         };
         let _ = r.memory.write_obj(status as u8, r.status);
-        if let Some(vring) = &self.vring
-            && let Err(e) = vring.add_used(r.head, written + 1)
-        {
-            tracing::warn!(head = r.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(r.sequence, r.head, written + 1);
     }
 
     fn signal_guest(&self, shared: &Shared) {

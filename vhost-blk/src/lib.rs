@@ -7,6 +7,7 @@ pub mod backend;
 pub mod config;
 pub mod io;
 pub mod metrics;
+pub mod order;
 pub mod request;
 pub mod server;
 
