@@ -342,3 +342,70 @@ fn a_reconnecting_frontend_sees_what_the_previous_connection_wrote() {
     drop(front);
     backend.join();
 }
+
+/// The backend binary on `socket`, killed on drop.
+struct BackendProcess(std::process::Child);
+
+impl BackendProcess {
+    fn spawn(image: &Path, socket: &Path) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovirt-vhost-blk"))
+            .args([
+                "--image",
+                image.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferrovirt-vhost-blk");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // A probe connection is served and dropped; the backend then accepts the next one.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend never listened on {socket:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self(child)
+    }
+
+    fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_killed_backend_restarts_on_its_stale_socket_and_serves_what_was_written() {
+    let scratch = Scratch::new("kill");
+    let image = scratch.image(2 * MIB, 0);
+    let socket = scratch.path("blk.sock");
+    let data = pattern(99, 64 * 1024);
+
+    let backend = BackendProcess::spawn(&image, &socket);
+    let mut front = Frontend::connect(&socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    front.buf()[..data.len()].copy_from_slice(&data);
+    q.write(MIB as u64, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    // Killed with the frontend still connected: the socket file stays behind.
+    backend.kill();
+    drop(q);
+    drop(front);
+    assert!(socket.exists());
+
+    let _backend = BackendProcess::spawn(&image, &socket);
+    let mut front = Frontend::connect(&socket, 1, false).expect("frontend after restart");
+    let mut q = front.queues.remove(0);
+    q.read(MIB as u64, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    assert_eq!(&front.buf()[..data.len()], &data[..]);
+}
