@@ -409,3 +409,29 @@ fn a_killed_backend_restarts_on_its_stale_socket_and_serves_what_was_written() {
     assert_eq!(wait_all(&mut q, 1), vec![0]);
     assert_eq!(&front.buf()[..data.len()], &data[..]);
 }
+
+#[test]
+fn direct_io_writes_reach_the_image() {
+    let scratch = Scratch::new("direct");
+    let image = scratch.image(2 * MIB, 0);
+    let mut config = BackendConfig::new(&image);
+    config.direct = true;
+    let backend = Backend::start(config, scratch.path("blk.sock"), 1);
+    let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    let data = pattern(3, 128 * 1024);
+    front.buf()[..data.len()].copy_from_slice(&data);
+    q.write(64 * 1024, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    front.buf()[..data.len()].fill(0);
+    q.read(64 * 1024, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    assert_eq!(&front.buf()[..data.len()], &data[..]);
+    drop(q);
+    drop(front);
+    backend.join();
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[64 * 1024..192 * 1024],
+        &data[..]
+    );
+}
