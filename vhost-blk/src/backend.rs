@@ -92,6 +92,8 @@ struct QueueWorker {
     requests: Vec<Option<InFlightRequest>>,
     free: Vec<usize>,
     order: CompletionOrder,
+    /// Used entries were added since the guest was last signalled.
+    unsignalled: bool,
 }
 
 impl BlkBackend {
@@ -108,7 +110,8 @@ impl BlkBackend {
         let limits = DeviceLimits {
             capacity_sectors: disk.size >> SECTOR_SHIFT,
             read_only,
-            seg_max: u32::from(queue_size).saturating_sub(2).max(1),
+            // Within IOV_MAX (1024), since one request is one readv/writev.
+            seg_max: u32::from(queue_size).saturating_sub(2).clamp(1, 1022),
             size_max: SIZE_MAX,
             discard: !read_only,
             write_zeroes: !read_only,
@@ -142,6 +145,7 @@ impl BlkBackend {
                     requests: Vec::new(),
                     free: Vec::new(),
                     order: CompletionOrder::default(),
+                    unsignalled: false,
                 }))
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
@@ -320,7 +324,6 @@ impl QueueWorker {
         };
         let memory = atomic.memory();
         let event_idx = shared.event_idx.load(Ordering::Relaxed);
-        let mut completed_inline = false;
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -341,11 +344,10 @@ impl QueueWorker {
                         shared
                             .metrics
                             .count_request(request.operation.request_type());
-                        completed_inline |= self.start_request(shared, &memory, request, sequence);
+                        self.start_request(shared, &memory, request, sequence);
                     }
                     Err(rejection) => {
                         self.reject(shared, &memory, rejection, sequence);
-                        completed_inline = true;
                     }
                 }
             }
@@ -369,9 +371,7 @@ impl QueueWorker {
         }
         // Completions that are already there save a trip through the event loop.
         self.reap_completions(shared);
-        if completed_inline || self.engine.in_flight() == 0 {
-            self.signal_guest(shared);
-        }
+        self.signal_guest(shared);
     }
 
     /// Hands a completed request to the used ring once every earlier one is there.
@@ -379,6 +379,7 @@ impl QueueWorker {
         self.order.complete(sequence, UsedEntry { head, len });
         let Some(vring) = &self.vring else { return };
         for entry in self.order.release() {
+            self.unsignalled = true;
             if let Err(e) = vring.add_used(entry.head, entry.len) {
                 tracing::warn!(head = entry.head, error = ?e, "cannot return a request to the used ring");
             }
@@ -572,7 +573,10 @@ impl QueueWorker {
         self.publish(r.sequence, r.head, written + 1);
     }
 
-    fn signal_guest(&self, shared: &Shared) {
+    fn signal_guest(&mut self, shared: &Shared) {
+        if !std::mem::take(&mut self.unsignalled) {
+            return;
+        }
         let Some(vring) = &self.vring else { return };
         let needed = if shared.event_idx.load(Ordering::Relaxed) {
             vring.needs_notification().unwrap_or(true)
