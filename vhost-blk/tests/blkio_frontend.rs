@@ -435,3 +435,61 @@ fn direct_io_writes_reach_the_image() {
         &data[..]
     );
 }
+
+/// Not a correctness test: 4 KiB random reads at queue depth 32 for a second, printing IOPS.
+/// Run with `cargo test --release -p ferrovirt-vhost-blk --test blkio_frontend -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn random_read_iops() {
+    let scratch = Scratch::new("iops");
+    let image = scratch.image(64 * MIB, 1);
+    let backend = Backend::start(BackendConfig::new(&image), scratch.path("blk.sock"), 1);
+    let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    let depth = 32;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next_offset = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % (64 * 256)) * 4096
+    };
+    for i in 0..depth {
+        q.read(
+            next_offset(),
+            front.ptr(i * 4096),
+            4096,
+            i,
+            ReqFlags::empty(),
+        );
+    }
+    let start = std::time::Instant::now();
+    let mut done = 0u64;
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    while start.elapsed() < std::time::Duration::from_secs(1) {
+        let n = q.do_io(&mut completions, 1, None, None).unwrap();
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0);
+            q.read(
+                next_offset(),
+                front.ptr(c.user_data * 4096),
+                4096,
+                c.user_data,
+                ReqFlags::empty(),
+            );
+        }
+        done += n as u64;
+    }
+    let _ = wait_all(&mut q, depth);
+    eprintln!(
+        "4 KiB random read, QD{depth}: {:.0} IOPS",
+        done as f64 / start.elapsed().as_secs_f64()
+    );
+    drop(q);
+    drop(front);
+    backend.join();
+}
