@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 use crate::config::Disk;
 use crate::io::{IoEngine, IoError, IoOp};
 use crate::metrics::Metrics;
+use crate::order::{CompletionOrder, UsedEntry};
 use crate::request::{
     DeviceLimits, Operation, Rejection, Request, RequestType, SECTOR_SHIFT, Segment,
     VIRTIO_BLK_ID_BYTES, parse_request,
@@ -70,6 +71,8 @@ struct Shared {
 /// A request the kernel is working on.
 struct InFlightRequest {
     head: u16,
+    /// Position in the order the guest made requests available.
+    sequence: u64,
     status: GuestAddress,
     kind: RequestType,
     ops_left: u32,
@@ -88,6 +91,9 @@ struct QueueWorker {
     vring: Option<VringRwLock>,
     requests: Vec<Option<InFlightRequest>>,
     free: Vec<usize>,
+    order: CompletionOrder,
+    /// Used entries were added since the guest was last signalled.
+    unsignalled: bool,
 }
 
 impl BlkBackend {
@@ -104,7 +110,8 @@ impl BlkBackend {
         let limits = DeviceLimits {
             capacity_sectors: disk.size >> SECTOR_SHIFT,
             read_only,
-            seg_max: u32::from(queue_size).saturating_sub(2).max(1),
+            // Within IOV_MAX (1024), since one request is one readv/writev.
+            seg_max: u32::from(queue_size).saturating_sub(2).clamp(1, 1022),
             size_max: SIZE_MAX,
             discard: !read_only,
             write_zeroes: !read_only,
@@ -137,6 +144,8 @@ impl BlkBackend {
                     vring: None,
                     requests: Vec::new(),
                     free: Vec::new(),
+                    order: CompletionOrder::default(),
+                    unsignalled: false,
                 }))
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
@@ -315,7 +324,6 @@ impl QueueWorker {
         };
         let memory = atomic.memory();
         let event_idx = shared.event_idx.load(Ordering::Relaxed);
-        let mut completed_inline = false;
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -330,16 +338,16 @@ impl QueueWorker {
                     queue.pop_descriptor_chain(memory.clone())
                 };
                 let Some(chain) = chain else { break };
+                let sequence = self.order.take();
                 match parse_request(chain, &shared.limits) {
                     Ok(request) => {
                         shared
                             .metrics
                             .count_request(request.operation.request_type());
-                        completed_inline |= self.start_request(shared, &vring, &memory, request);
+                        self.start_request(shared, &memory, request, sequence);
                     }
                     Err(rejection) => {
-                        self.reject(shared, &vring, &memory, rejection);
-                        completed_inline = true;
+                        self.reject(shared, &memory, rejection, sequence);
                     }
                 }
             }
@@ -356,17 +364,29 @@ impl QueueWorker {
                 }
             }
         }
-        if let Err(e) = self.engine.submit() {
-            tracing::error!(queue, error = %e, "io_uring submit failed");
+        match self.engine.submit() {
+            Ok(0) => {}
+            Ok(ops) => shared.metrics.count_submit(ops),
+            Err(e) => tracing::error!(queue, error = %e, "io_uring submit failed"),
         }
         // Completions that are already there save a trip through the event loop.
         self.reap_completions(shared);
-        if completed_inline || self.engine.in_flight() == 0 {
-            self.signal_guest(shared);
+        self.signal_guest(shared);
+    }
+
+    /// Hands a completed request to the used ring once every earlier one is there.
+    fn publish(&mut self, sequence: u64, head: u16, len: u32) {
+        self.order.complete(sequence, UsedEntry { head, len });
+        let Some(vring) = &self.vring else { return };
+        for entry in self.order.release() {
+            self.unsignalled = true;
+            if let Err(e) = vring.add_used(entry.head, entry.len) {
+                tracing::warn!(head = entry.head, error = ?e, "cannot return a request to the used ring");
+            }
         }
     }
 
-    fn reject(&mut self, shared: &Shared, vring: &VringRwLock, memory: &MemoryGuard, r: Rejection) {
+    fn reject(&mut self, shared: &Shared, memory: &MemoryGuard, r: Rejection, sequence: u64) {
         shared.metrics.count_request(r.request_type);
         shared.metrics.count_rejected(r.reason);
         tracing::debug!(head = r.head, reason = %r.reason, "rejected guest request");
@@ -375,38 +395,34 @@ impl QueueWorker {
             let _ = memory.write_obj(r.reason.status(), status);
         }
         let len = u32::from(r.status.is_some());
-        if let Err(e) = vring.add_used(r.head, len) {
-            tracing::warn!(head = r.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(sequence, r.head, len);
     }
 
     fn complete_now(
-        &self,
-        vring: &VringRwLock,
+        &mut self,
         memory: &MemoryGuard,
         request: &Request,
+        sequence: u64,
         status: u32,
         written: u32,
     ) {
         let _ = memory.write_obj(status as u8, request.status);
-        if let Err(e) = vring.add_used(request.head, written + 1) {
-            tracing::warn!(head = request.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(sequence, request.head, written + 1);
     }
 
     /// Queues the I/O of `request`; returns true when it completed without I/O.
     fn start_request(
         &mut self,
         shared: &Shared,
-        vring: &VringRwLock,
         memory: &MemoryGuard,
         request: Request,
+        sequence: u64,
     ) -> bool {
         let kind = request.operation.request_type();
         let (ops, expected_result, written_to_guest, bytes) = match &request.operation {
             Operation::GetId { segments } => {
                 let written = write_serial(memory, segments, &shared.serial);
-                self.complete_now(vring, memory, &request, VIRTIO_BLK_S_OK, written);
+                self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_OK, written);
                 return true;
             }
             Operation::Read {
@@ -424,7 +440,7 @@ impl QueueWorker {
                     *len,
                 ),
                 None => {
-                    self.complete_now(vring, memory, &request, VIRTIO_BLK_S_IOERR, 0);
+                    self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_IOERR, 0);
                     return true;
                 }
             },
@@ -443,7 +459,7 @@ impl QueueWorker {
                     *len,
                 ),
                 None => {
-                    self.complete_now(vring, memory, &request, VIRTIO_BLK_S_IOERR, 0);
+                    self.complete_now(memory, &request, sequence, VIRTIO_BLK_S_IOERR, 0);
                     return true;
                 }
             },
@@ -474,6 +490,7 @@ impl QueueWorker {
         };
         self.requests[slot] = Some(InFlightRequest {
             head: request.head,
+            sequence,
             status: request.status,
             kind,
             ops_left: ops.len() as u32,
@@ -553,14 +570,13 @@ impl QueueWorker {
             (VIRTIO_BLK_S_OK, r.written_to_guest)
         };
         let _ = r.memory.write_obj(status as u8, r.status);
-        if let Some(vring) = &self.vring
-            && let Err(e) = vring.add_used(r.head, written + 1)
-        {
-            tracing::warn!(head = r.head, error = ?e, "cannot return a request to the used ring");
-        }
+        self.publish(r.sequence, r.head, written + 1);
     }
 
-    fn signal_guest(&self, shared: &Shared) {
+    fn signal_guest(&mut self, shared: &Shared) {
+        if !std::mem::take(&mut self.unsignalled) {
+            return;
+        }
         let Some(vring) = &self.vring else { return };
         let needed = if shared.event_idx.load(Ordering::Relaxed) {
             vring.needs_notification().unwrap_or(true)

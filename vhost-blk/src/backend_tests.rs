@@ -53,6 +53,10 @@ struct Rig {
 
 impl Rig {
     fn new(read_only: bool) -> Self {
+        Self::with_event_idx(read_only, false)
+    }
+
+    fn with_event_idx(read_only: bool, event_idx: bool) -> Self {
         let image = std::env::temp_dir().join(format!(
             "ferrovirt-vhost-blk-unit-{}-{}.img",
             std::process::id(),
@@ -88,6 +92,8 @@ impl Rig {
                 queue.used_addr().0,
             )
             .unwrap();
+        vring.set_queue_event_idx(event_idx);
+        backend.set_event_idx(event_idx);
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         Self {
@@ -399,4 +405,15 @@ fn get_id_returns_the_serial() {
     rig.memory.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id[..16], b"ferrovirt-serial");
     assert_eq!(&id[16..], &[0; 4]);
+}
+
+#[test]
+fn with_event_idx_every_chain_of_a_kick_is_served() {
+    let mut rig = Rig::with_event_idx(false, true);
+    for sector in 0..4 {
+        rig.header(VIRTIO_BLK_T_IN, sector);
+        let out = rig.run(&[readable(HEADER, 16), writable(DATA, 512), status_desc()]);
+        assert_eq!(out, (513, VIRTIO_BLK_S_OK as u8));
+    }
+    assert_eq!(rig.metrics().requests_of(RequestType::Read), 4);
 }

@@ -200,6 +200,23 @@ impl IoEngine {
     }
 }
 
+impl Drop for IoEngine {
+    /// The kernel may still be moving data to or from buffers whose iovecs and mappings the
+    /// owner is about to free: wait for every operation first.
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            if self.submit_and_wait_one().is_err() {
+                tracing::error!(
+                    in_flight = self.in_flight,
+                    "cannot wait for io_uring operations"
+                );
+                return;
+            }
+            self.reap(|_, _| {});
+        }
+    }
+}
+
 fn iov_count(iovecs: &[libc::iovec]) -> Result<u32, IoError> {
     match u32::try_from(iovecs.len()) {
         Ok(n) if n as usize <= libc::UIO_MAXIOV as usize => Ok(n),

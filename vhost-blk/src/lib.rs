@@ -1,12 +1,28 @@
 //! vhost-user-blk backend: serves raw images to a VMM over io_uring (see issue: vhost-blk).
 //!
-//! [`Server::bind`] opens the image and listens; [`Server::serve_connection`] serves one VMM
-//! connection; [`Server::run`] serves them in a loop so a VMM can reconnect.
+//! In-process use (tests, benchmarks):
+//! ```no_run
+//! use ferrovirt_vhost_blk::{BackendConfig, Server};
+//! let mut config = BackendConfig::new("/path/disk.img");
+//! config.num_queues = 2;
+//! let mut server = Server::bind(config, "/path/blk.sock".as_ref()).unwrap();
+//! let metrics = server.metrics(); // counters, see MetricsSnapshot
+//! std::thread::spawn(move || server.serve_connection()); // or server.run(false): loop
+//! ```
+//! Out of process: `ferrovirt-vhost-blk --image PATH --socket PATH [--read-only]
+//! [--num-queues N] [--queue-size N] [--serial S] [--direct] [--once]`; the socket accepts a
+//! connection once it exists and a connect succeeds.
+//!
+//! Modules: [`config`] (flags, image checks), [`request`] (pure parsing and validation of
+//! guest requests), [`io`] (one io_uring per queue worker), [`order`] (used ring in available
+//! order, which makes a reconnect from the used index exact), [`backend`] (the
+//! `VhostUserBackend`), [`metrics`], [`server`] (socket and connection loop).
 
 pub mod backend;
 pub mod config;
 pub mod io;
 pub mod metrics;
+pub mod order;
 pub mod request;
 pub mod server;
 

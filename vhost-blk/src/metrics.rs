@@ -14,6 +14,8 @@ pub struct Metrics {
     bytes_written: AtomicU64,
     io_errors: AtomicU64,
     queue_errors: AtomicU64,
+    io_submits: AtomicU64,
+    io_ops_submitted: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -29,6 +31,10 @@ pub struct MetricsSnapshot {
     pub io_errors: u64,
     /// Virtqueues the guest broke (bad avail index, ...), so the worker stopped reading them.
     pub queue_errors: u64,
+    /// io_uring_enter calls that submitted operations: one per batch of available chains.
+    pub io_submits: u64,
+    /// Operations those calls submitted.
+    pub io_ops_submitted: u64,
 }
 
 impl MetricsSnapshot {
@@ -70,6 +76,12 @@ impl Metrics {
         self.queue_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn count_submit(&self, ops: usize) {
+        self.io_submits.fetch_add(1, Ordering::Relaxed);
+        self.io_ops_submitted
+            .fetch_add(ops as u64, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             requests: std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed)),
@@ -78,6 +90,8 @@ impl Metrics {
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             io_errors: self.io_errors.load(Ordering::Relaxed),
             queue_errors: self.queue_errors.load(Ordering::Relaxed),
+            io_submits: self.io_submits.load(Ordering::Relaxed),
+            io_ops_submitted: self.io_ops_submitted.load(Ordering::Relaxed),
         }
     }
 }

@@ -186,6 +186,12 @@ fn batched_writes_read_back_and_land_in_the_image_file() {
     assert_eq!(metrics.requests_of(RequestType::Flush), 1);
     assert_eq!(metrics.bytes_written, 8 * chunk as u64);
     assert_eq!(metrics.total_rejected(), 0);
+    assert_eq!(metrics.io_ops_submitted, 17);
+    assert!(
+        metrics.io_submits <= 3,
+        "17 requests in 3 batches took {} submits",
+        metrics.io_submits
+    );
 
     let on_disk = std::fs::read(&image).unwrap();
     for i in 0..8 {
@@ -332,6 +338,157 @@ fn a_reconnecting_frontend_sees_what_the_previous_connection_wrote() {
     q.read(8192, front.ptr(0), 8192, 0, ReqFlags::empty());
     assert_eq!(wait_all(&mut q, 1), vec![0]);
     assert_eq!(&front.buf()[..8192], &data[..]);
+    drop(q);
+    drop(front);
+    backend.join();
+}
+
+/// The backend binary on `socket`, killed on drop.
+struct BackendProcess(std::process::Child);
+
+impl BackendProcess {
+    fn spawn(image: &Path, socket: &Path) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovirt-vhost-blk"))
+            .args([
+                "--image",
+                image.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ferrovirt-vhost-blk");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // A probe connection is served and dropped; the backend then accepts the next one.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend never listened on {socket:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self(child)
+    }
+
+    fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_killed_backend_restarts_on_its_stale_socket_and_serves_what_was_written() {
+    let scratch = Scratch::new("kill");
+    let image = scratch.image(2 * MIB, 0);
+    let socket = scratch.path("blk.sock");
+    let data = pattern(99, 64 * 1024);
+
+    let backend = BackendProcess::spawn(&image, &socket);
+    let mut front = Frontend::connect(&socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    front.buf()[..data.len()].copy_from_slice(&data);
+    q.write(MIB as u64, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    // Killed with the frontend still connected: the socket file stays behind.
+    backend.kill();
+    drop(q);
+    drop(front);
+    assert!(socket.exists());
+
+    let _backend = BackendProcess::spawn(&image, &socket);
+    let mut front = Frontend::connect(&socket, 1, false).expect("frontend after restart");
+    let mut q = front.queues.remove(0);
+    q.read(MIB as u64, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    assert_eq!(&front.buf()[..data.len()], &data[..]);
+}
+
+#[test]
+fn direct_io_writes_reach_the_image() {
+    let scratch = Scratch::new("direct");
+    let image = scratch.image(2 * MIB, 0);
+    let mut config = BackendConfig::new(&image);
+    config.direct = true;
+    let backend = Backend::start(config, scratch.path("blk.sock"), 1);
+    let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    let data = pattern(3, 128 * 1024);
+    front.buf()[..data.len()].copy_from_slice(&data);
+    q.write(64 * 1024, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    front.buf()[..data.len()].fill(0);
+    q.read(64 * 1024, front.ptr(0), data.len(), 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut q, 1), vec![0]);
+    assert_eq!(&front.buf()[..data.len()], &data[..]);
+    drop(q);
+    drop(front);
+    backend.join();
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[64 * 1024..192 * 1024],
+        &data[..]
+    );
+}
+
+/// Not a correctness test: 4 KiB random reads at queue depth 32 for a second, printing IOPS.
+/// Run with `cargo test --release -p ferrovirt-vhost-blk --test blkio_frontend -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn random_read_iops() {
+    let scratch = Scratch::new("iops");
+    let image = scratch.image(64 * MIB, 1);
+    let backend = Backend::start(BackendConfig::new(&image), scratch.path("blk.sock"), 1);
+    let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
+    let mut q = front.queues.remove(0);
+    let depth = 32;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next_offset = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % (64 * 256)) * 4096
+    };
+    for i in 0..depth {
+        q.read(
+            next_offset(),
+            front.ptr(i * 4096),
+            4096,
+            i,
+            ReqFlags::empty(),
+        );
+    }
+    let start = std::time::Instant::now();
+    let mut done = 0u64;
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    while start.elapsed() < std::time::Duration::from_secs(1) {
+        let n = q.do_io(&mut completions, 1, None, None).unwrap();
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0);
+            q.read(
+                next_offset(),
+                front.ptr(c.user_data * 4096),
+                4096,
+                c.user_data,
+                ReqFlags::empty(),
+            );
+        }
+        done += n as u64;
+    }
+    let _ = wait_all(&mut q, depth);
+    eprintln!(
+        "4 KiB random read, QD{depth}: {:.0} IOPS",
+        done as f64 / start.elapsed().as_secs_f64()
+    );
     drop(q);
     drop(front);
     backend.join();

@@ -1,0 +1,191 @@
+//! The binary's flags: bad ones end with a clear message and a non-zero exit; a good one serves.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_ferrovirt-vhost-blk");
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ferrovirt-vhost-blk-cli-{test}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("run ferrovirt-vhost-blk")
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+}
+
+#[test]
+fn missing_image_is_a_clear_error() {
+    let s = Scratch::new("missing");
+    let out = run(&[
+        "--image",
+        arg(&s.path("nope.img")),
+        "--socket",
+        arg(&s.path("s")),
+    ]);
+    assert_fails_with(&out, "does not exist");
+    assert!(!s.path("s").exists(), "no socket left behind");
+}
+
+#[test]
+fn image_not_a_multiple_of_512_is_a_clear_error() {
+    let s = Scratch::new("odd");
+    std::fs::write(s.path("odd.img"), vec![0u8; 1000]).unwrap();
+    let out = run(&[
+        "--image",
+        arg(&s.path("odd.img")),
+        "--socket",
+        arg(&s.path("s")),
+    ]);
+    assert_fails_with(&out, "not a multiple of 512");
+}
+
+#[test]
+fn socket_path_in_use_is_a_clear_error() {
+    let s = Scratch::new("taken");
+    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
+    let _live = UnixListener::bind(s.path("s")).unwrap();
+    let out = run(&[
+        "--image",
+        arg(&s.path("d.img")),
+        "--socket",
+        arg(&s.path("s")),
+    ]);
+    assert_fails_with(&out, "in use");
+    std::fs::write(s.path("file"), b"x").unwrap();
+    let out = run(&[
+        "--image",
+        arg(&s.path("d.img")),
+        "--socket",
+        arg(&s.path("file")),
+    ]);
+    assert_fails_with(&out, "not a socket");
+}
+
+#[test]
+fn read_only_image_opened_writable_is_a_clear_error() {
+    let s = Scratch::new("ro");
+    let image = s.path("ro.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let out = run(&["--image", arg(&image), "--socket", arg(&s.path("s"))]);
+    assert_fails_with(&out, "--read-only");
+}
+
+#[test]
+fn bad_values_are_rejected() {
+    let s = Scratch::new("values");
+    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
+    let img = s.path("d.img");
+    let sock = s.path("s");
+    let out = run(&[
+        "--image",
+        arg(&img),
+        "--socket",
+        arg(&sock),
+        "--num-queues",
+        "0",
+    ]);
+    assert_fails_with(&out, "num-queues");
+    let long = "x".repeat(21);
+    let out = run(&[
+        "--image",
+        arg(&img),
+        "--socket",
+        arg(&sock),
+        "--serial",
+        &long,
+    ]);
+    assert_fails_with(&out, "longer than 20 bytes");
+    let out = run(&[
+        "--image",
+        arg(&img),
+        "--socket",
+        arg(&sock),
+        "--queue-size",
+        "100",
+    ]);
+    assert_fails_with(&out, "power of two");
+}
+
+#[test]
+fn a_good_invocation_listens_and_replaces_a_stale_socket() {
+    let s = Scratch::new("good");
+    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
+    let sock = s.path("s");
+    drop(UnixListener::bind(&sock).unwrap()); // stale: nobody listens
+    let mut child = Command::new(BINARY)
+        .args(["--image", arg(&s.path("d.img")), "--socket", arg(&sock)])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let connected = loop {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(connected, "backend never listened on {sock:?}");
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--image",
+        "--socket",
+        "--read-only",
+        "--num-queues",
+        "--queue-size",
+        "--serial",
+        "--direct",
+        "--once",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
