@@ -57,6 +57,16 @@ pub enum ProcessError {
         pid: i32,
         timeout: Duration,
     },
+    #[error(
+        "{program} (pid {pid}) did not accept connections on {socket} within {timeout:?}; stderr: {stderr}"
+    )]
+    NoSocket {
+        program: String,
+        pid: i32,
+        socket: PathBuf,
+        timeout: Duration,
+        stderr: String,
+    },
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -272,6 +282,29 @@ impl GuardedProcess {
                 pid: self.pid,
                 timeout,
             })
+    }
+
+    /// Waits until the UNIX socket at `socket` accepts a connection (a stale socket file
+    /// from a predecessor does not count), failing at once if the process exits.
+    pub fn wait_for_socket(
+        &mut self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), ProcessError> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if self.try_exit()?.is_some() || std::time::Instant::now() > deadline {
+                return Err(ProcessError::NoSocket {
+                    program: self.program.clone(),
+                    pid: self.pid,
+                    socket: socket.to_owned(),
+                    timeout,
+                    stderr: self.stderr(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// SIGTERM to the group, SIGKILL after the grace period, then reap.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{GuardedProcess, ProcessError};
 
@@ -14,12 +14,8 @@ pub const STORAGE_DAEMON: &str = "qemu-storage-daemon";
 pub enum StorageDaemonError {
     #[error("cannot run {STORAGE_DAEMON}; install Debian's qemu-system-x86 package")]
     Process(#[from] ProcessError),
-    #[error("{STORAGE_DAEMON} did not create {socket} within {timeout:?}; its stderr:\n{stderr}")]
-    NoSocket {
-        socket: PathBuf,
-        timeout: Duration,
-        stderr: String,
-    },
+    #[error("{STORAGE_DAEMON} started but does not serve its socket")]
+    NotListening(#[source] ProcessError),
 }
 
 /// A running `qemu-storage-daemon` exporting `image` as vhost-user-blk on `socket`.
@@ -55,19 +51,9 @@ impl StorageDaemon {
         let out = socket.with_extension("out");
         let err = socket.with_extension("err");
         let mut process = GuardedProcess::spawn(cmd, &out, &err)?;
-        let timeout = Duration::from_secs(10);
-        let deadline = Instant::now() + timeout;
-        while !socket.exists() {
-            let exited = process.try_exit()?.is_some();
-            if exited || Instant::now() > deadline {
-                return Err(StorageDaemonError::NoSocket {
-                    socket: socket.to_owned(),
-                    timeout,
-                    stderr: process.stderr(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        process
+            .wait_for_socket(socket, Duration::from_secs(10))
+            .map_err(StorageDaemonError::NotListening)?;
         Ok(StorageDaemon {
             process,
             socket: socket.to_owned(),

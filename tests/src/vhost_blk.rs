@@ -3,21 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{GuardedProcess, ProcessError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum VhostBlkError {
-    #[error(transparent)]
-    Process(#[from] ProcessError),
-    #[error("ferrovirt-vhost-blk did not listen on {socket} within {timeout:?}; stderr: {stderr}")]
-    NoSocket {
-        socket: PathBuf,
-        timeout: Duration,
-        stderr: String,
-    },
-}
 
 /// A running `ferrovirt-vhost-blk`; dropping it stops it (SIGTERM, then SIGKILL).
 #[derive(Debug)]
@@ -29,7 +17,7 @@ pub struct VhostBlkBackend {
 impl VhostBlkBackend {
     /// Serves `image` on `socket` with extra flags (`--num-queues 2`, `--read-only`, ...)
     /// and waits until it listens. Output goes to `<socket>.out` / `<socket>.err`.
-    pub fn start(image: &Path, socket: &Path, flags: &[&str]) -> Result<Self, VhostBlkError> {
+    pub fn start(image: &Path, socket: &Path, flags: &[&str]) -> Result<Self, ProcessError> {
         let mut cmd = Command::new(crate::vhost_blk_binary());
         cmd.arg("--image")
             .arg(image)
@@ -41,20 +29,7 @@ impl VhostBlkBackend {
             &socket.with_extension("out"),
             &socket.with_extension("err"),
         )?;
-        let timeout = Duration::from_secs(10);
-        let deadline = Instant::now() + timeout;
-        // A socket file left by a crashed predecessor exists before we listen: wait for
-        // a connectable one.
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if process.try_exit()?.is_some() || Instant::now() > deadline {
-                return Err(VhostBlkError::NoSocket {
-                    socket: socket.to_owned(),
-                    timeout,
-                    stderr: process.stderr(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        process.wait_for_socket(socket, Duration::from_secs(10))?;
         Ok(VhostBlkBackend {
             process,
             socket: socket.to_owned(),
@@ -70,7 +45,7 @@ impl VhostBlkBackend {
     }
 
     /// SIGKILL, as a crash: no clean disconnect.
-    pub fn crash(mut self) -> Result<(), VhostBlkError> {
+    pub fn crash(mut self) -> Result<(), ProcessError> {
         self.process.kill()?;
         Ok(())
     }

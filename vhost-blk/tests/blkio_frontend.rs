@@ -7,43 +7,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use ferrovirt_tests::ScratchDir;
 use ferrovirt_vhost_blk::request::RequestType;
 use ferrovirt_vhost_blk::{BackendConfig, Metrics, Server};
 
 const MIB: usize = 1 << 20;
 
-/// A unique scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ferrovirt-vhost-blk-{test}-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn image(&self, size: usize, fill: u8) -> PathBuf {
-        let path = self.path("disk.img");
-        std::fs::write(&path, vec![fill; size]).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A raw image of `size` bytes of `fill` in `dir`.
+fn image(dir: &ScratchDir, size: usize, fill: u8) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, vec![fill; size]).unwrap();
+    path
 }
 
 /// A backend serving `connections` connections on a thread.
@@ -138,9 +112,9 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn batched_writes_read_back_and_land_in_the_image_file() {
-    let scratch = Scratch::new("rw");
-    let image = scratch.image(8 * MIB, 0);
-    let backend = Backend::start(BackendConfig::new(&image), scratch.path("blk.sock"), 1);
+    let scratch = ScratchDir::new("rw").unwrap();
+    let image = image(&scratch, 8 * MIB, 0);
+    let backend = Backend::start(BackendConfig::new(&image), scratch.join("blk.sock"), 1);
     let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
     assert_eq!(front.blkio.get_u64("capacity").unwrap(), 8 * MIB as u64);
 
@@ -204,9 +178,9 @@ fn batched_writes_read_back_and_land_in_the_image_file() {
 
 #[test]
 fn discard_and_write_zeroes_read_back_zeroes() {
-    let scratch = Scratch::new("zero");
-    let image = scratch.image(4 * MIB, 0xAB);
-    let backend = Backend::start(BackendConfig::new(&image), scratch.path("blk.sock"), 1);
+    let scratch = ScratchDir::new("zero").unwrap();
+    let image = image(&scratch, 4 * MIB, 0xAB);
+    let backend = Backend::start(BackendConfig::new(&image), scratch.join("blk.sock"), 1);
     let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
     let mut q = front.queues.remove(0);
 
@@ -239,11 +213,11 @@ fn discard_and_write_zeroes_read_back_zeroes() {
 
 #[test]
 fn read_only_device_serves_reads_and_refuses_writes() {
-    let scratch = Scratch::new("ro");
-    let image = scratch.image(MIB, 0x5A);
+    let scratch = ScratchDir::new("ro").unwrap();
+    let image = image(&scratch, MIB, 0x5A);
     let mut config = BackendConfig::new(&image);
     config.read_only = true;
-    let backend = Backend::start(config, scratch.path("blk.sock"), 2);
+    let backend = Backend::start(config, scratch.join("blk.sock"), 2);
 
     // A frontend that wants to write is refused at start: the device offers VIRTIO_BLK_F_RO.
     let err = Frontend::connect(&backend.socket, 1, false)
@@ -272,11 +246,11 @@ fn read_only_device_serves_reads_and_refuses_writes() {
 
 #[test]
 fn two_queues_serve_concurrent_writers() {
-    let scratch = Scratch::new("mq");
-    let image = scratch.image(8 * MIB, 0);
+    let scratch = ScratchDir::new("mq").unwrap();
+    let image = image(&scratch, 8 * MIB, 0);
     let mut config = BackendConfig::new(&image);
     config.num_queues = 2;
-    let backend = Backend::start(config, scratch.path("blk.sock"), 1);
+    let backend = Backend::start(config, scratch.join("blk.sock"), 1);
     let mut front = Frontend::connect(&backend.socket, 2, false).expect("frontend");
     assert_eq!(front.queues.len(), 2);
     let chunk = 32 * 1024;
@@ -322,9 +296,9 @@ fn two_queues_serve_concurrent_writers() {
 
 #[test]
 fn a_reconnecting_frontend_sees_what_the_previous_connection_wrote() {
-    let scratch = Scratch::new("reconnect");
-    let image = scratch.image(MIB, 0);
-    let backend = Backend::start(BackendConfig::new(&image), scratch.path("blk.sock"), 2);
+    let scratch = ScratchDir::new("reconnect").unwrap();
+    let image = image(&scratch, MIB, 0);
+    let backend = Backend::start(BackendConfig::new(&image), scratch.join("blk.sock"), 2);
     let data = pattern(42, 8192);
     {
         let mut front = Frontend::connect(&backend.socket, 1, false).expect("first frontend");
@@ -385,9 +359,9 @@ impl Drop for BackendProcess {
 
 #[test]
 fn a_killed_backend_restarts_on_its_stale_socket_and_serves_what_was_written() {
-    let scratch = Scratch::new("kill");
-    let image = scratch.image(2 * MIB, 0);
-    let socket = scratch.path("blk.sock");
+    let scratch = ScratchDir::new("kill").unwrap();
+    let image = image(&scratch, 2 * MIB, 0);
+    let socket = scratch.join("blk.sock");
     let data = pattern(99, 64 * 1024);
 
     let backend = BackendProcess::spawn(&image, &socket);
@@ -412,11 +386,11 @@ fn a_killed_backend_restarts_on_its_stale_socket_and_serves_what_was_written() {
 
 #[test]
 fn direct_io_writes_reach_the_image() {
-    let scratch = Scratch::new("direct");
-    let image = scratch.image(2 * MIB, 0);
+    let scratch = ScratchDir::new("direct").unwrap();
+    let image = image(&scratch, 2 * MIB, 0);
     let mut config = BackendConfig::new(&image);
     config.direct = true;
-    let backend = Backend::start(config, scratch.path("blk.sock"), 1);
+    let backend = Backend::start(config, scratch.join("blk.sock"), 1);
     let mut front = Frontend::connect(&backend.socket, 1, false).expect("frontend");
     let mut q = front.queues.remove(0);
     let data = pattern(3, 128 * 1024);

@@ -1,39 +1,13 @@
 //! The binary's flags: bad ones end with a clear message and a non-zero exit; a good one serves.
 
+use ferrovirt_tests::ScratchDir;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ferrovirt-vhost-blk");
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ferrovirt-vhost-blk-cli-{test}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn run(args: &[&str]) -> Output {
     Command::new(BINARY)
@@ -54,68 +28,68 @@ fn assert_fails_with(out: &Output, needle: &str) {
 
 #[test]
 fn missing_image_is_a_clear_error() {
-    let s = Scratch::new("missing");
+    let s = ScratchDir::new("missing").unwrap();
     let out = run(&[
         "--image",
-        arg(&s.path("nope.img")),
+        arg(&s.join("nope.img")),
         "--socket",
-        arg(&s.path("s")),
+        arg(&s.join("s")),
     ]);
     assert_fails_with(&out, "does not exist");
-    assert!(!s.path("s").exists(), "no socket left behind");
+    assert!(!s.join("s").exists(), "no socket left behind");
 }
 
 #[test]
 fn image_not_a_multiple_of_512_is_a_clear_error() {
-    let s = Scratch::new("odd");
-    std::fs::write(s.path("odd.img"), vec![0u8; 1000]).unwrap();
+    let s = ScratchDir::new("odd").unwrap();
+    std::fs::write(s.join("odd.img"), vec![0u8; 1000]).unwrap();
     let out = run(&[
         "--image",
-        arg(&s.path("odd.img")),
+        arg(&s.join("odd.img")),
         "--socket",
-        arg(&s.path("s")),
+        arg(&s.join("s")),
     ]);
     assert_fails_with(&out, "not a multiple of 512");
 }
 
 #[test]
 fn socket_path_in_use_is_a_clear_error() {
-    let s = Scratch::new("taken");
-    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
-    let _live = UnixListener::bind(s.path("s")).unwrap();
+    let s = ScratchDir::new("taken").unwrap();
+    std::fs::write(s.join("d.img"), vec![0u8; 4096]).unwrap();
+    let _live = UnixListener::bind(s.join("s")).unwrap();
     let out = run(&[
         "--image",
-        arg(&s.path("d.img")),
+        arg(&s.join("d.img")),
         "--socket",
-        arg(&s.path("s")),
+        arg(&s.join("s")),
     ]);
     assert_fails_with(&out, "in use");
-    std::fs::write(s.path("file"), b"x").unwrap();
+    std::fs::write(s.join("file"), b"x").unwrap();
     let out = run(&[
         "--image",
-        arg(&s.path("d.img")),
+        arg(&s.join("d.img")),
         "--socket",
-        arg(&s.path("file")),
+        arg(&s.join("file")),
     ]);
     assert_fails_with(&out, "not a socket");
 }
 
 #[test]
 fn read_only_image_opened_writable_is_a_clear_error() {
-    let s = Scratch::new("ro");
-    let image = s.path("ro.img");
+    let s = ScratchDir::new("ro").unwrap();
+    let image = s.join("ro.img");
     std::fs::write(&image, vec![0u8; 4096]).unwrap();
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let out = run(&["--image", arg(&image), "--socket", arg(&s.path("s"))]);
+    let out = run(&["--image", arg(&image), "--socket", arg(&s.join("s"))]);
     assert_fails_with(&out, "--read-only");
 }
 
 #[test]
 fn bad_values_are_rejected() {
-    let s = Scratch::new("values");
-    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
-    let img = s.path("d.img");
-    let sock = s.path("s");
+    let s = ScratchDir::new("values").unwrap();
+    std::fs::write(s.join("d.img"), vec![0u8; 4096]).unwrap();
+    let img = s.join("d.img");
+    let sock = s.join("s");
     let out = run(&[
         "--image",
         arg(&img),
@@ -148,12 +122,12 @@ fn bad_values_are_rejected() {
 
 #[test]
 fn a_good_invocation_listens_and_replaces_a_stale_socket() {
-    let s = Scratch::new("good");
-    std::fs::write(s.path("d.img"), vec![0u8; 4096]).unwrap();
-    let sock = s.path("s");
+    let s = ScratchDir::new("good").unwrap();
+    std::fs::write(s.join("d.img"), vec![0u8; 4096]).unwrap();
+    let sock = s.join("s");
     drop(UnixListener::bind(&sock).unwrap()); // stale: nobody listens
     let mut child = Command::new(BINARY)
-        .args(["--image", arg(&s.path("d.img")), "--socket", arg(&sock)])
+        .args(["--image", arg(&s.join("d.img")), "--socket", arg(&sock)])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -3,9 +3,10 @@
 //! index as the runtime's frontend does, and checks every request completes exactly once, with
 //! status OK, and every byte is in the image.
 
+use ferrovirt_tests::ScratchDir;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,14 +30,6 @@ const HEADERS: u64 = 0x10_0000;
 const STATUSES: u64 = 0x20_0000;
 const DATA: u64 = 0x40_0000;
 const IMAGE_SIZE: usize = 32 << 20;
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct BackendProcess(Child);
 
@@ -167,19 +160,10 @@ fn pattern(i: u16) -> Vec<u8> {
 
 #[test]
 fn writes_in_flight_when_the_backend_is_killed_complete_exactly_once_after_restart() {
-    let dir = std::env::temp_dir().join(format!(
-        "ferrovirt-vhost-blk-reconnect-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let scratch = Scratch(dir);
-    let image = scratch.0.join("disk.img");
+    let scratch = ScratchDir::new("reconnect").unwrap();
+    let image = scratch.join("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_SIZE]).unwrap();
-    let socket = scratch.0.join("blk.sock");
+    let socket = scratch.join("blk.sock");
 
     let guest = Guest::new();
     let queue = MockSplitQueue::new(&guest.memory, QUEUE_SIZE);
