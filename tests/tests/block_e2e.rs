@@ -157,3 +157,59 @@ fn data_written_survives_a_backend_crash_and_restart() {
     assert_eq!(code, Some(0), "{out}\n{}", backend.stderr());
     assert!(out.contains("verified=2048"), "{out}");
 }
+
+#[test]
+fn a_backend_killed_mid_workload_is_replaced_and_the_guest_io_goes_on() {
+    let dir = ScratchDir::new("blk-crash").unwrap();
+    let image = dir.join("disk.img");
+    const SECTORS: u64 = 1 << 20; // 512 MiB: about a second of guest writes here
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SECTORS * SECTOR as u64)
+        .unwrap();
+    let socket = dir.join("disk.sock");
+    let backend = VhostBlkBackend::start(&image, &socket, &[]).unwrap();
+    let guest = testguest();
+    let disk = format!("socket={}", socket.display());
+    let cmdline = format!("scenario=blk blk_seed=21 blk_sectors={SECTORS} blk_req=64 blk_depth=8");
+    let mut vmm = VmmProcess::spawn(
+        "blk-crash",
+        [
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--memory",
+            "256",
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &disk,
+        ],
+    )
+    .unwrap();
+    vmm.wait_for_output("testguest: blk capacity=", TIMEOUT)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    backend.crash().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let backend = VhostBlkBackend::start(&image, &socket, &[]).unwrap();
+    let status = vmm.wait_timeout(TIMEOUT).unwrap();
+    let (out, err) = (vmm.serial_output(), vmm.stderr_output());
+    assert!(
+        err.contains("hung up; reconnecting"),
+        "the backend must have died under the running workload:\n{err}"
+    );
+    assert_eq!(status.code(), Some(0), "{out}\n{err}\n{}", backend.stderr());
+    assert!(
+        out.contains(&format!(
+            "wrote={SECTORS} read={SECTORS} verified={SECTORS}"
+        )),
+        "{out}"
+    );
+    drop(backend);
+    let on_disk = std::fs::read(&image).unwrap();
+    assert_eq!(
+        first_mismatch(&on_disk, 21, 0..SECTORS),
+        None,
+        "every acknowledged write is on disk"
+    );
+}
