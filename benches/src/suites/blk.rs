@@ -121,8 +121,35 @@ struct CaseSample {
     cpu_us_per_io: f64,
 }
 
+/// A backend process in its cgroup; fields drop in order, so the process is reaped before
+/// its cgroup is removed.
+struct RunningBackend {
+    process: GuardedProcess,
+    cgroup: CpuCgroup,
+    socket: PathBuf,
+}
+
+impl Drop for RunningBackend {
+    fn drop(&mut self) {
+        let _ = self.process.terminate();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Sectors the guest-driven case writes and reads back (64 MiB).
+const GUEST_SECTORS: u64 = 131_072;
+
+/// What one guest-driven run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GuestSample {
+    wall_ms: f64,
+    backend_cpu_ms: f64,
+}
+
 struct Setup {
     backend: PathBuf,
+    vmm: PathBuf,
+    guest: PathBuf,
     storage_daemon: PathBuf,
     fio: PathBuf,
     dir: ScratchDir,
@@ -194,6 +221,25 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             );
         }
     }
+    let mut guest_wall = Samples::new("guest_blk_64mib_write_verify_wall", "ms", Better::Lower);
+    let mut guest_cpu = Samples::new("guest_blk_64mib_backend_cpu", "ms", Better::Lower);
+    for round in 0..config.rounds {
+        for side in round_order(round) {
+            let g = setup
+                .guest_run(side)
+                .with_context(|| format!("guest-driven case ({side:?})"))?;
+            guest_wall.push(side, g.wall_ms);
+            guest_cpu.push(side, g.backend_cpu_ms);
+        }
+    }
+    eprintln!("blk: guest-driven case done");
+    for samples in [&guest_wall, &guest_cpu] {
+        rows.push(
+            samples
+                .summarize("qemu-storage-daemon")
+                .context("no samples")?,
+        );
+    }
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name: "qemu-storage-daemon".into(),
@@ -224,6 +270,10 @@ impl Setup {
     fn prepare() -> anyhow::Result<Setup> {
         let backend =
             ferrovirt_tests::try_vhost_blk_binary().context("blk runs ferrovirt-vhost-blk")?;
+        let vmm = ferrovirt_tests::try_vmm_binary()
+            .context("the guest-driven case runs ferrovirt-vmm")?;
+        let guest = ferrovirt_tests::try_testguest()
+            .context("the guest-driven case boots the test guest")?;
         let storage_daemon = find_in_path("qemu-storage-daemon").context(
             "the peer is qemu-storage-daemon: apt-get install qemu-system-x86 (scripts/setup.sh)",
         )?;
@@ -234,6 +284,8 @@ impl Setup {
         write_image(&image, IMAGE_MIB << 20)?;
         Ok(Setup {
             backend,
+            vmm,
+            guest,
             storage_daemon,
             fio,
             dir,
@@ -247,12 +299,19 @@ impl Setup {
             "peer: `qemu-storage-daemon --blockdev driver=file,filename=IMG,aio=io_uring,cache.direct=on,node-name=d --export type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=SOCK,writable=on,num-queues=Q`.".into(),
             format!("driver: the `blkio` crate (libblkio virtio-blk-vhost-user), one thread per queue, the given depth per queue, {} ms per run; latency is submission to completion as the driver sees it.", RUN_TIME.as_millis()),
             "cpu_per_io: the backend's CPU (cpuacct cgroup) during the timed run / completed I/Os.".into(),
+            format!(
+                "guest_blk_*: ferrovirt-vmm boots the test guest (`scenario=blk blk_sectors={GUEST_SECTORS} \
+                 blk_req=64 blk_depth=8`: writes 64 MiB in 32 KiB requests, 8 in flight, flushes, reads \
+                 back and verifies) with one `--disk` on the backend under test; wall is the host's time \
+                 from VMM start to exit (boot included, ~10 ms), CPU is the backend's."
+            ),
             format!("host limit: `fio --direct=1 --ioengine=io_uring --bs=4k --iodepth=32 --rw=randread|randwrite` on the same image for {} ms.", RUN_TIME.as_millis()),
         ]
     }
 
-    /// Starts `side`'s backend for `case`, drives it for RUN_TIME, stops it.
-    fn measure(&self, case: &Case, side: Side) -> anyhow::Result<CaseSample> {
+    /// Starts `side`'s backend with `queues` queues in a cgroup of its own and waits until
+    /// it listens.
+    fn start_backend(&self, side: Side, queues: usize) -> anyhow::Result<RunningBackend> {
         let socket = self
             .dir
             .join(format!("{}.sock", ferrovirt_tests::unique_name("b")));
@@ -265,38 +324,76 @@ impl Setup {
                     .arg(&socket)
                     .arg("--direct")
                     .arg("--num-queues")
-                    .arg(case.queues.to_string());
+                    .arg(queues.to_string());
                 cmd
             }
             Side::Peer => {
                 let mut cmd = Command::new(&self.storage_daemon);
                 cmd.arg("--blockdev")
-                    .arg(format!("driver=file,filename={},aio=io_uring,cache.direct=on,node-name=d", self.image.display()))
+                    .arg(format!(
+                        "driver=file,filename={},aio=io_uring,cache.direct=on,node-name=d",
+                        self.image.display()
+                    ))
                     .arg("--export")
-                    .arg(format!("type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on,num-queues={}", socket.display(), case.queues));
+                    .arg(format!(
+                        "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                        socket.display()
+                    ));
                 cmd
             }
         };
         let cgroup = CpuCgroup::create("blk")?;
         cgroup.run_inside(&mut cmd);
-        let out = socket.with_extension("out");
-        let err = socket.with_extension("err");
-        let mut process = GuardedProcess::spawn(cmd, &out, &err)?;
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while !socket.exists() {
-            if process.try_exit()?.is_some() || Instant::now() > deadline {
-                bail!(
-                    "the backend never listened on {}: {}",
-                    socket.display(),
-                    process.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let mut process = GuardedProcess::spawn(
+            cmd,
+            &socket.with_extension("out"),
+            &socket.with_extension("err"),
+        )?;
+        process.wait_for_socket(&socket, STEP_TIMEOUT)?;
+        Ok(RunningBackend {
+            process,
+            cgroup,
+            socket,
+        })
+    }
+
+    /// Starts `side`'s backend for `case`, drives it for RUN_TIME, stops it.
+    fn measure(&self, case: &Case, side: Side) -> anyhow::Result<CaseSample> {
+        let backend = self.start_backend(side, case.queues)?;
+        drive(&backend.socket, case, &backend.cgroup)
+    }
+
+    /// The test guest writes, reads back and verifies GUEST_SECTORS through ferrovirt-vmm
+    /// and `side`'s backend; the host times the whole VMM run.
+    fn guest_run(&self, side: Side) -> anyhow::Result<GuestSample> {
+        let backend = self.start_backend(side, 1)?;
+        let cpu_before = backend.cgroup.usage_ns()?;
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("--kernel")
+            .arg(&self.guest)
+            .args(["--memory", "256", "--serial", "off", "--cmdline"])
+            .arg(format!(
+                "scenario=blk blk_seed=3 blk_sectors={GUEST_SECTORS} blk_req=64 blk_depth=8"
+            ))
+            .arg("--disk")
+            .arg(format!("socket={}", backend.socket.display()));
+        let vmm_out = backend.socket.with_extension("vmm");
+        let start = Instant::now();
+        let mut vmm = GuardedProcess::spawn(cmd, &vmm_out, &vmm_out.with_extension("vmm-err"))?;
+        let exit = vmm.wait_timeout(STEP_TIMEOUT)?;
+        let wall = start.elapsed();
+        if exit.status.code() != Some(0) {
+            bail!(
+                "the guest's blk run failed ({}): {}",
+                exit.status,
+                vmm.stderr()
+            );
         }
-        let result = drive(&socket, case, &cgroup);
-        let _ = process.terminate();
-        let _ = std::fs::remove_file(&socket);
-        result
+        let cpu_ns = backend.cgroup.usage_ns()? - cpu_before;
+        Ok(GuestSample {
+            wall_ms: wall.as_secs_f64() * 1e3,
+            backend_cpu_ms: cpu_ns as f64 / 1e6,
+        })
     }
 
     fn fio_iops(&self, case: &Case) -> anyhow::Result<f64> {
