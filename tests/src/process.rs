@@ -284,15 +284,17 @@ impl GuardedProcess {
             })
     }
 
-    /// Waits until the UNIX socket at `socket` accepts a connection (a stale socket file
-    /// from a predecessor does not count), failing at once if the process exits.
+    /// Waits until some process listens on the UNIX socket at `socket` (a stale socket file
+    /// from a predecessor does not count), failing at once if this process exits. It looks in
+    /// /proc/net/unix instead of connecting: a probe connection would be a client to the
+    /// server, which vhost-user backends serve one at a time.
     pub fn wait_for_socket(
         &mut self,
         socket: &Path,
         timeout: Duration,
     ) -> Result<(), ProcessError> {
         let deadline = std::time::Instant::now() + timeout;
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        while !unix_socket_listening(socket) {
             if self.try_exit()?.is_some() || std::time::Instant::now() > deadline {
                 return Err(ProcessError::NoSocket {
                     program: self.program.clone(),
@@ -439,6 +441,19 @@ pub(crate) fn tail(text: &str, max_lines: usize) -> String {
     lines[lines.len().saturating_sub(max_lines)..].join("\n")
 }
 
+/// Whether a socket bound to `path` is listening: its /proc/net/unix line carries
+/// __SO_ACCEPTCON (flags 00010000), set by listen(2).
+pub fn unix_socket_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[3] == "00010000" && fields[7] == path
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,6 +467,17 @@ mod tests {
     fn alive(pid: i32) -> bool {
         // SAFETY: signal 0 only checks that the pid exists.
         unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    #[test]
+    fn a_listening_socket_is_seen_and_a_stale_file_is_not() {
+        let dir = ScratchDir::new("listening").unwrap();
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(unix_socket_listening(&path));
+        drop(listener);
+        assert!(path.exists(), "the stale file stays behind");
+        assert!(!unix_socket_listening(&path));
     }
 
     #[test]

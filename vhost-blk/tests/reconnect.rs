@@ -46,7 +46,8 @@ impl BackendProcess {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        // Not a probe connection: that would be a client the backend serves first.
+        while !ferrovirt_tests::process::unix_socket_listening(socket) {
             assert!(Instant::now() < deadline, "backend never listened");
             std::thread::sleep(Duration::from_millis(10));
         }

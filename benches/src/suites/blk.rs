@@ -440,6 +440,9 @@ fn drive(socket: &Path, case: &Case, cgroup: &CpuCgroup) -> anyhow::Result<CaseS
     let per_queue = case.depth * case.block;
     let region = blkio.alloc_mem_region(per_queue * case.queues)?;
     blkio.map_mem_region(&region)?;
+    // libblkio does not wait for the backend to apply the new region before the first kick
+    // (see vhost-blk/tests/blkio_frontend.rs); give the backend's vhost-user thread a moment.
+    std::thread::sleep(Duration::from_millis(20));
     let cpu_before = cgroup.usage_ns()?;
     let end = Instant::now() + RUN_TIME;
     let results: Vec<anyhow::Result<(u64, Vec<u32>)>> = std::thread::scope(|scope| {
