@@ -13,3 +13,12 @@ use std::path::PathBuf;
 pub fn default_results_dir() -> PathBuf {
     ferrovirt_tests::repo_root().join("benches").join("results")
 }
+
+/// The first `program` on `$PATH`, for the peers and tools a suite runs.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}

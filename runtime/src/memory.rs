@@ -144,11 +144,6 @@ impl GuestRam {
         }
         Ok(())
     }
-
-    /// The highest guest physical address that is RAM, plus one.
-    pub fn end(&self) -> GuestAddress {
-        self.memory.memory().last_addr().unchecked_add(1)
-    }
 }
 
 #[cfg(test)]
@@ -181,7 +176,6 @@ mod tests {
         let mut buf = [0u8; 9];
         f.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ferrovirt");
-        assert_eq!(ram.end(), GuestAddress(16 << 20));
     }
 
     #[test]

@@ -274,10 +274,10 @@ impl Setup {
             .context("the guest-driven case runs ferrovirt-vmm")?;
         let guest = ferrovirt_tests::try_testguest()
             .context("the guest-driven case boots the test guest")?;
-        let storage_daemon = find_in_path("qemu-storage-daemon").context(
+        let storage_daemon = crate::find_in_path("qemu-storage-daemon").context(
             "the peer is qemu-storage-daemon: apt-get install qemu-system-x86 (scripts/setup.sh)",
         )?;
-        let fio = find_in_path("fio")
+        let fio = crate::find_in_path("fio")
             .context("the host limit is measured with fio: apt-get install fio")?;
         let dir = ScratchDir::new("bench-blk")?;
         let image = dir.join("disk.img");
@@ -571,12 +571,4 @@ fn write_image(path: &Path, bytes: u64) -> anyhow::Result<()> {
     }
     file.sync_all()?;
     Ok(())
-}
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| p.is_file())
-    })
 }

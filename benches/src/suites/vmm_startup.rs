@@ -197,7 +197,7 @@ impl Setup {
         // as the process's Private_Dirty until they are written back.
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
-        let qemu = find_in_path("qemu-system-x86_64").context(
+        let qemu = crate::find_in_path("qemu-system-x86_64").context(
             "qemu-system-x86_64 is not on PATH: install Debian's qemu-system-x86 (scripts/setup.sh does)",
         )?;
         let mut setup = Setup {
@@ -248,14 +248,6 @@ fn parse_qemu_version(text: &str) -> Option<String> {
     let line = text.lines().next()?;
     let rest = line.split("version").nth(1)?;
     rest.split_whitespace().next().map(str::to_string)
-}
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| p.is_file())
-    })
 }
 
 fn ferrovirt_boot_args(setup: &Setup, debugcon: &Path, scenario: &str) -> Vec<std::ffi::OsString> {
@@ -673,7 +665,7 @@ mod tests {
     fn qemu_setup(dir: &ScratchDir) -> Setup {
         let guest = dir.join("guest.elf");
         std::fs::write(&guest, exit_guest_elf()).unwrap();
-        let qemu = find_in_path("qemu-system-x86_64")
+        let qemu = crate::find_in_path("qemu-system-x86_64")
             .expect("qemu-system-x86_64 missing: run scripts/setup.sh");
         let mut setup = Setup {
             vmm: PathBuf::from("/bin/false"),

@@ -7,7 +7,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -225,14 +225,6 @@ impl BusDevice for SerialDevice {
         {
             tracing::debug!("serial write failed: {e:?}");
         }
-    }
-}
-
-/// Path of a console socket, if the config names one.
-pub fn console_socket(console: &ConsoleConfig) -> Option<&Path> {
-    match console {
-        ConsoleConfig::Socket(p) => Some(p),
-        _ => None,
     }
 }
 
