@@ -14,6 +14,7 @@ mod dma;
 mod lapic;
 mod mem;
 mod msix;
+mod packet;
 mod pci;
 mod phys;
 mod port;

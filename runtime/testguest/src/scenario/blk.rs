@@ -7,7 +7,7 @@
 //! zeroes). Sector `s` (512 bytes) holds the little-endian 64-bit words
 //! `pattern_word(seed, s, 0..64)`; README.md gives the formula for host-side checks.
 
-use super::{ScenarioError, check_failed};
+use super::{ScenarioError, check_failed, param};
 use crate::console::Ascii;
 use crate::dma::Scratch;
 use crate::pci::{self, MmioAllocator};
@@ -52,16 +52,6 @@ struct Params {
     depth: usize,
     mode: Mode,
     discard_zeroes: bool,
-}
-
-fn param(cmdline: &[u8], key: &str, default: u64) -> Result<u64, ScenarioError> {
-    let Some(value) = start_info::cmdline_param(cmdline, key) else {
-        return Ok(default);
-    };
-    let parsed = core::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok());
-    parsed.ok_or_else(|| check_failed!("{key}={} is not a decimal number", Ascii(value)))
 }
 
 impl Params {

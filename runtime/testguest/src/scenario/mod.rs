@@ -4,6 +4,7 @@
 mod blk;
 mod fault;
 mod hello;
+mod net;
 mod pci_list;
 mod poweroff;
 mod reset;
@@ -14,12 +15,13 @@ mod ticker;
 use core::fmt;
 
 use crate::acpi::AcpiError;
-use crate::console::Message;
+use crate::console::{Ascii, Message};
 use crate::msix::MsixError;
 use crate::pci::PciError;
 use crate::start_info::StartInfo;
 use crate::virtio::VirtioError;
 use crate::virtio::blk::BlkError;
+use crate::virtio::net::NetError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -36,10 +38,13 @@ pub enum Scenario {
     BlkDiscard,
     BlkRo,
     BlkMq,
+    NetResponder,
+    NetSend,
+    NetRecv,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 13] = [
+    const ALL: [Scenario; 16] = [
         Self::Hello,
         Self::Exit,
         Self::Smp,
@@ -53,6 +58,9 @@ impl Scenario {
         Self::BlkDiscard,
         Self::BlkRo,
         Self::BlkMq,
+        Self::NetResponder,
+        Self::NetSend,
+        Self::NetRecv,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +78,9 @@ impl Scenario {
             Self::BlkDiscard => "blk-discard",
             Self::BlkRo => "blk-ro",
             Self::BlkMq => "blk-mq",
+            Self::NetResponder => "net-responder",
+            Self::NetSend => "net-send",
+            Self::NetRecv => "net-recv",
         }
     }
 
@@ -101,6 +112,9 @@ impl Scenario {
             Self::BlkDiscard => blk::run_discard(info),
             Self::BlkRo => blk::run_ro(info),
             Self::BlkMq => blk::run_mq(info),
+            Self::NetResponder => net::run_responder(info),
+            Self::NetSend => net::run_send(info),
+            Self::NetRecv => net::run_recv(info),
         }
     }
 }
@@ -127,6 +141,7 @@ pub enum ScenarioError {
     Msix(MsixError),
     Virtio(VirtioError),
     Blk(BlkError),
+    Net(NetError),
     /// A check of the scenario itself failed.
     Check(Message),
 }
@@ -139,6 +154,7 @@ impl fmt::Display for ScenarioError {
             Self::Msix(e) => write!(f, "{e}"),
             Self::Virtio(e) => write!(f, "{e}"),
             Self::Blk(e) => write!(f, "{e}"),
+            Self::Net(e) => write!(f, "{e}"),
             Self::Check(m) => write!(f, "{m}"),
         }
     }
@@ -177,3 +193,14 @@ macro_rules! check_failed {
     };
 }
 pub(crate) use check_failed;
+
+/// The decimal value of `key=value` on the command line, or `default` without one.
+pub(crate) fn param(cmdline: &[u8], key: &str, default: u64) -> Result<u64, ScenarioError> {
+    let Some(value) = crate::start_info::cmdline_param(cmdline, key) else {
+        return Ok(default);
+    };
+    let parsed = core::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
+    parsed.ok_or_else(|| check_failed!("{key}={} is not a decimal number", Ascii(value)))
+}

@@ -1,7 +1,8 @@
 //! Virtio 1.2 drivers' shared parts: the modern PCI transport (§4.1) and split
-//! virtqueues (§2.7). Device drivers (rng today; blk and net later) build on these.
+//! virtqueues (§2.7). Device drivers (rng, blk, net) build on these.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod queue;
 
@@ -15,7 +16,6 @@ pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 pub const fn modern_pci_device_id(virtio_device_id: u16) -> u16 {
     0x1040 + virtio_device_id
 }
-#[allow(dead_code, reason = "for the virtio-net driver to come")]
 pub const VIRTIO_ID_NET: u16 = 1;
 pub const VIRTIO_ID_BLOCK: u16 = 2;
 pub const VIRTIO_ID_RNG: u16 = 4;
