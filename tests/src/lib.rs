@@ -9,6 +9,7 @@ pub mod http;
 pub mod kernel;
 pub mod names;
 pub mod process;
+pub mod qemu_net;
 pub mod storage_daemon;
 pub mod vhost_blk;
 pub mod vmm;
