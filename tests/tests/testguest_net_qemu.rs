@@ -152,6 +152,47 @@ fn responder_works_without_merged_rx_buffers() {
 }
 
 #[test]
+fn responder_ends_with_pass_after_count_replies() {
+    let topology = NetTopology::create().unwrap_or_else(|e| panic!("{e}"));
+    // The ARP reply counts: it, then two echoes make three.
+    let mut guest = QemuNetGuest::start(
+        &topology,
+        &format!("scenario=net-responder ip={GUEST_IP} count=3"),
+        QemuNetOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    guest
+        .wait_for_line("net-responder listening", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let socket = client_socket(&topology);
+    for salt in 0..2 {
+        let payload = varied_payload(100, salt);
+        assert!(echo(&socket, &payload).0 == payload);
+    }
+    let exit = guest.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert_passed(&exit, "net-responder");
+    assert_line(&exit, "testguest: net-responder end=count replies=3");
+}
+
+#[test]
+fn responder_ends_with_pass_after_seconds_without_traffic() {
+    let topology = NetTopology::create().unwrap_or_else(|e| panic!("{e}"));
+    let guest = QemuNetGuest::start(
+        &topology,
+        &format!("scenario=net-responder ip={GUEST_IP} seconds=1"),
+        QemuNetOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let exit = guest.wait_exit(BOOT_TIMEOUT).unwrap();
+    assert_passed(&exit, "net-responder");
+    assert!(
+        exit.serial.contains("net-responder end=seconds replies="),
+        "{}",
+        exit.serial
+    );
+}
+
+#[test]
 fn net_send_delivers_every_frame_intact_and_in_order_to_a_netns_socket() {
     const COUNT: u64 = 1000;
     const SIZE: usize = 1000;
