@@ -76,9 +76,15 @@ pub struct NetTopology {
 }
 
 impl NetTopology {
+    /// A single-queue TAP.
     pub fn create() -> Result<NetTopology, QemuNetError> {
+        Self::create_with_tap(false)
+    }
+
+    /// `multi_queue`: a TAP with the multi_queue flag, for devices with several queue pairs.
+    pub fn create_with_tap(multi_queue: bool) -> Result<NetTopology, QemuNetError> {
         let ns = NetNs::create("gnet")?;
-        let tap = Tap::create("gtap", false)?;
+        let tap = Tap::create("gtap", multi_queue)?;
         let (ns_name, tap_name) = (ns.name().to_string(), tap.name().to_string());
         ip(&["link", "set", &tap_name, "netns", &ns_name])?;
         let tap_in_ns = CleanupGuard::new(tap_name.clone(), move |tap| {
@@ -179,11 +185,16 @@ fn set_rcvbuf_force(socket: &UdpSocket, bytes: libc::c_int) -> io::Result<()> {
 pub struct QemuNetOptions {
     /// `mrg_rxbuf=off` when false: the guest must work with single-buffer frames.
     pub mrg_rxbuf: bool,
+    /// More than 1: `mq=on` with this many queue pairs (the TAP must be multi_queue).
+    pub queue_pairs: u16,
 }
 
 impl Default for QemuNetOptions {
     fn default() -> Self {
-        QemuNetOptions { mrg_rxbuf: true }
+        QemuNetOptions {
+            mrg_rxbuf: true,
+            queue_pairs: 1,
+        }
     }
 }
 
@@ -230,6 +241,16 @@ impl QemuNetGuest {
         if !options.mrg_rxbuf {
             device.push_str(",mrg_rxbuf=off");
         }
+        let mut netdev = format!(
+            "tap,id=n0,ifname={},script=no,downscript=no",
+            topology.tap()
+        );
+        if options.queue_pairs > 1 {
+            let pairs = options.queue_pairs;
+            netdev.push_str(&format!(",queues={pairs}"));
+            // One MSI-X vector per queue, the control queue and config changes.
+            device.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(pairs) + 2));
+        }
         let mut cmd = topology.command(QEMU);
         cmd.args([
             "-M",
@@ -247,10 +268,7 @@ impl QemuNetGuest {
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-netdev",
-            &format!(
-                "tap,id=n0,ifname={},script=no,downscript=no",
-                topology.tap()
-            ),
+            &netdev,
             "-device",
             &device,
             "-append",

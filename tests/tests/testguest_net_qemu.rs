@@ -17,7 +17,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const ECHO_PORT: u16 = 7777;
 
 fn responder(options: QemuNetOptions) -> (NetTopology, QemuNetGuest) {
-    let topology = NetTopology::create().unwrap_or_else(|e| panic!("{e}"));
+    let topology =
+        NetTopology::create_with_tap(options.queue_pairs > 1).unwrap_or_else(|e| panic!("{e}"));
     let mut guest = QemuNetGuest::start(
         &topology,
         &format!("scenario=net-responder ip={GUEST_IP}"),
@@ -134,7 +135,10 @@ fn responder_echoes_udp_payloads_unchanged_with_addresses_and_ports_swapped() {
 
 #[test]
 fn responder_works_without_merged_rx_buffers() {
-    let (topology, guest) = responder(QemuNetOptions { mrg_rxbuf: false });
+    let (topology, guest) = responder(QemuNetOptions {
+        mrg_rxbuf: false,
+        ..QemuNetOptions::default()
+    });
     let socket = client_socket(&topology);
     for (i, len) in [1472, 3, 800].into_iter().enumerate() {
         let payload = varied_payload(len, 0x40 + i as u8);
@@ -149,6 +153,27 @@ fn responder_works_without_merged_rx_buffers() {
         exit.serial
     );
     assert_line(&exit, "testguest: net-responder udp=4");
+}
+
+#[test]
+fn responder_uses_pair_zero_of_a_multiqueue_device() {
+    let (topology, guest) = responder(QemuNetOptions {
+        queue_pairs: 2,
+        ..QemuNetOptions::default()
+    });
+    let socket = client_socket(&topology);
+    for salt in 0..8 {
+        let payload = varied_payload(200 + 100 * usize::from(salt), salt);
+        assert!(echo(&socket, &payload).0 == payload);
+    }
+    let exit = quit(&socket, guest);
+    assert_passed(&exit, "net-responder");
+    assert!(
+        exit.serial.contains(" max_pairs=2 "),
+        "the device offered MQ with 2 pairs:\n{}",
+        exit.serial
+    );
+    assert_line(&exit, "testguest: net-responder udp=9");
 }
 
 #[test]
