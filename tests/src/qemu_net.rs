@@ -180,9 +180,27 @@ fn set_rcvbuf_force(socket: &UdpSocket, bytes: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// What the guest's virtio-net-pci is plugged into.
+#[derive(Debug, Clone, Copy)]
+pub enum QemuNetdev<'a> {
+    /// The topology's TAP; QEMU runs inside its namespace.
+    Tap(&'a NetTopology),
+    /// A UNIX datagram socket at `local` whose frames go to the socket at `remote`: two
+    /// guests wired back to back, with no kernel network in between.
+    UnixDgram { local: &'a Path, remote: &'a Path },
+}
+
+impl<'a> From<&'a NetTopology> for QemuNetdev<'a> {
+    fn from(topology: &'a NetTopology) -> Self {
+        QemuNetdev::Tap(topology)
+    }
+}
+
 /// Device options for QEMU's virtio-net-pci.
 #[derive(Debug, Clone, Copy)]
 pub struct QemuNetOptions {
+    /// The device's MAC (`GUEST_MAC` by default).
+    pub mac: &'static str,
     /// `mrg_rxbuf=off` when false: the guest must work with single-buffer frames.
     pub mrg_rxbuf: bool,
     /// More than 1: `mq=on` with this many queue pairs (the TAP must be multi_queue).
@@ -192,6 +210,7 @@ pub struct QemuNetOptions {
 impl Default for QemuNetOptions {
     fn default() -> Self {
         QemuNetOptions {
+            mac: GUEST_MAC,
             mrg_rxbuf: true,
             queue_pairs: 1,
         }
@@ -217,7 +236,7 @@ impl GuestExit {
     }
 }
 
-/// The test guest under QEMU (q35, KVM) with one virtio-net-pci on the topology's TAP.
+/// The test guest under QEMU (q35, KVM) with one virtio-net-pci.
 /// Field order is drop order: QEMU stops before the directory with its output goes.
 #[derive(Debug)]
 pub struct QemuNetGuest {
@@ -228,30 +247,45 @@ pub struct QemuNetGuest {
 
 impl QemuNetGuest {
     /// Boots the test guest with `cmdline` (`scenario=... ...`).
-    pub fn start(
-        topology: &NetTopology,
+    pub fn start<'a>(
+        netdev: impl Into<QemuNetdev<'a>>,
         cmdline: &str,
         options: QemuNetOptions,
     ) -> Result<QemuNetGuest, QemuNetError> {
+        let netdev = netdev.into();
         let guest = try_testguest()?;
         let dir = ScratchDir::new("qemu-net")?;
         let serial = dir.join("serial.txt");
-        let mut device =
-            format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC},disable-legacy=on,romfile=");
+        let mut device = format!(
+            "virtio-net-pci,netdev=n0,mac={},disable-legacy=on,romfile=",
+            options.mac
+        );
         if !options.mrg_rxbuf {
             device.push_str(",mrg_rxbuf=off");
         }
-        let mut netdev = format!(
-            "tap,id=n0,ifname={},script=no,downscript=no",
-            topology.tap()
-        );
+        let (mut cmd, mut backend) = match netdev {
+            QemuNetdev::Tap(topology) => (
+                topology.command(QEMU),
+                format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no",
+                    topology.tap()
+                ),
+            ),
+            QemuNetdev::UnixDgram { local, remote } => (
+                Command::new(QEMU),
+                format!(
+                    "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    local.display(),
+                    remote.display()
+                ),
+            ),
+        };
         if options.queue_pairs > 1 {
             let pairs = options.queue_pairs;
-            netdev.push_str(&format!(",queues={pairs}"));
+            backend.push_str(&format!(",queues={pairs}"));
             // One MSI-X vector per queue, the control queue and config changes.
             device.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(pairs) + 2));
         }
-        let mut cmd = topology.command(QEMU);
         cmd.args([
             "-M",
             "q35",
@@ -268,7 +302,7 @@ impl QemuNetGuest {
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-netdev",
-            &netdev,
+            &backend,
             "-device",
             &device,
             "-append",

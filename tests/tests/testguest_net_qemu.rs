@@ -5,9 +5,10 @@
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
+use ferrovirt_tests::ScratchDir;
 use ferrovirt_tests::qemu_net::{
     GUEST_IP, GUEST_MAC, GuestExit, HOST_IP, HOST_MAC, NetTopology, QemuNetGuest, QemuNetOptions,
-    check_pattern_payload, pattern_payload,
+    QemuNetdev, check_pattern_payload, pattern_payload,
 };
 
 /// SeaBIOS alone takes about 4.5 s, more while other builds share the CPUs.
@@ -329,4 +330,49 @@ fn wait_for_guest_neighbor(topology: &NetTopology) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn net_send_to_net_recv_between_two_guests_wired_back_to_back() {
+    const COUNT: u64 = 2000;
+    const SENDER_MAC: &str = "52:54:00:12:34:57";
+    let dir = ScratchDir::new("net-vm2vm").unwrap();
+    let (recv_sock, send_sock) = (dir.join("recv.sock"), dir.join("send.sock"));
+    let mut receiver = QemuNetGuest::start(
+        QemuNetdev::UnixDgram {
+            local: &recv_sock,
+            remote: &send_sock,
+        },
+        &format!("scenario=net-recv ip={GUEST_IP} count={COUNT} port=5001 seconds=30"),
+        QemuNetOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    receiver
+        .wait_for_line("net-recv listening", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sender = QemuNetGuest::start(
+        QemuNetdev::UnixDgram {
+            local: &send_sock,
+            remote: &recv_sock,
+        },
+        &format!(
+            "scenario=net-send dst_mac={GUEST_MAC} dst_ip={GUEST_IP} ip=10.0.0.3 count={COUNT} size=1514 port=5001"
+        ),
+        QemuNetOptions {
+            mac: SENDER_MAC,
+            ..QemuNetOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sent = sender.wait_exit(BOOT_TIMEOUT).unwrap();
+    assert_passed(&sent, "net-send");
+    let received = receiver.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert_passed(&received, "net-recv");
+    assert!(
+        received.serial.contains(&format!(
+            "net-recv received={COUNT} good={COUNT} bad=0 out_of_order=0 lost=0"
+        )),
+        "{}",
+        received.serial
+    );
 }
