@@ -107,6 +107,13 @@ impl NetTopology {
         self.ns.name()
     }
 
+    /// Sets the TAP's MTU (frames to the guest can then exceed 1514 bytes).
+    pub fn set_mtu(&self, mtu: u32) -> Result<(), QemuNetError> {
+        let mtu = mtu.to_string();
+        ip(&["-n", self.ns(), "link", "set", self.tap(), "mtu", &mtu])?;
+        Ok(())
+    }
+
     pub fn tap(&self) -> &str {
         self._tap.name()
     }

@@ -178,6 +178,35 @@ fn responder_uses_pair_zero_of_a_multiqueue_device() {
 }
 
 #[test]
+fn responder_reassembles_a_frame_merged_from_several_rx_buffers() {
+    let (topology, guest) = responder(QemuNetOptions::default());
+    // A 3000-byte datagram is one 3042-byte frame on a 4000-byte MTU link: more than one
+    // 2048-byte receive buffer, so the device merges (num_buffers = 2). Its UDP checksum
+    // only verifies if the guest put the pieces back together; the reply would not fit one
+    // transmit buffer, so it is counted as too large.
+    topology.set_mtu(4000).unwrap_or_else(|e| panic!("{e}"));
+    let socket = client_socket(&topology);
+    let small = varied_payload(100, 1);
+    assert!(echo(&socket, &small).0 == small);
+    socket
+        .send_to(
+            &varied_payload(3000, 2),
+            SocketAddrV4::new(GUEST_IP, ECHO_PORT),
+        )
+        .unwrap();
+    // Frames arrive in order: this echo comes back after the large frame was handled.
+    assert!(echo(&socket, &small).0 == small);
+    let exit = quit(&socket, guest);
+    assert_passed(&exit, "net-responder");
+    assert!(
+        exit.serial.contains(" too_large=1 ") && exit.serial.contains(" rx_merged=1 "),
+        "the 3042-byte frame was not received whole:\n{}",
+        exit.serial
+    );
+    assert_line(&exit, "testguest: net-responder udp=3");
+}
+
+#[test]
 fn responder_ends_with_pass_after_count_replies() {
     let topology = NetTopology::create().unwrap_or_else(|e| panic!("{e}"));
     // The ARP reply counts: it, then two echoes make three.

@@ -36,6 +36,10 @@ const MIN_SEND_SIZE: usize = UDP_OVERHEAD + 8;
 /// The largest: a standard 1500-byte MTU frame.
 const MAX_SEND_SIZE: usize = 1514;
 const QUIT: &[u8] = b"quit";
+/// Frames up to this size are received (merged from several buffers with MRG_RXBUF):
+/// a 9000-byte MTU plus the Ethernet header and a VLAN tag. Replies must fit one transmit
+/// buffer (`MAX_FRAME`); larger requests are received, checked and ignored.
+const RX_FRAME_MAX: usize = 9018;
 
 impl From<NetError> for ScenarioError {
     fn from(e: NetError) -> Self {
@@ -144,6 +148,8 @@ struct Counts {
     icmp: u64,
     udp: u64,
     ignored: u64,
+    /// Requests to us whose reply would not fit one transmit buffer (counted in `ignored`).
+    too_large: u64,
     /// Why the last ignored frame was ignored.
     last_ignored: &'static str,
 }
@@ -192,7 +198,7 @@ pub fn run_responder(info: &StartInfo) -> Result<(), ScenarioError> {
     );
     let mut counts = Counts::default();
     let mut ip_id: u16 = 0;
-    let mut frame = [0u8; MAX_FRAME];
+    let mut frame = [0u8; RX_FRAME_MAX];
     let end = 'run: loop {
         while let Some(received) = dev.rx.receive(&mut frame)? {
             let Received::Frame(len) = received else {
@@ -207,6 +213,18 @@ pub fn run_responder(info: &StartInfo) -> Result<(), ScenarioError> {
                     } else {
                         counts.ignore("arp for another address");
                     }
+                }
+                Frame::EchoRequest { dst_ip, icmp, .. }
+                    if dst_ip == ip && packet::echo_reply_len(icmp) > MAX_FRAME =>
+                {
+                    counts.ignore("too large to echo");
+                    counts.too_large += 1;
+                }
+                Frame::Udp {
+                    dst_ip, payload, ..
+                } if dst_ip == ip && UDP_OVERHEAD + payload.len() > MAX_FRAME => {
+                    counts.ignore("too large to echo");
+                    counts.too_large += 1;
                 }
                 Frame::EchoRequest {
                     src_mac,
@@ -268,8 +286,9 @@ pub fn run_responder(info: &StartInfo) -> Result<(), ScenarioError> {
     say!("net-responder icmp={}", counts.icmp);
     say!("net-responder udp={}", counts.udp);
     say!(
-        "net-responder ignored={} last_ignored=\"{}\"",
+        "net-responder ignored={} too_large={} last_ignored=\"{}\"",
         counts.ignored,
+        counts.too_large,
         counts.last_ignored
     );
     say!("net-responder end={end} replies={}", counts.replies());
@@ -362,7 +381,7 @@ pub fn run_recv(info: &StartInfo) -> Result<(), ScenarioError> {
     let mut next_seq = 0u64;
     let mut first_tsc = None;
     let mut last_tsc = 0;
-    let mut frame = [0u8; MAX_FRAME];
+    let mut frame = [0u8; RX_FRAME_MAX];
     'run: while n.good < count {
         while let Some(received) = dev.rx.receive(&mut frame)? {
             let Received::Frame(len) = received else {
