@@ -102,13 +102,18 @@ pub fn checksum(data: &[u8]) -> u16 {
     !fold(sum_words(data, 0))
 }
 
-/// The UDP checksum over the IPv4 pseudo-header and `udp` (header and payload); an
-/// all-zero result is sent as 0xffff (RFC 768).
-fn udp_checksum(src: Ipv4, dst: Ipv4, udp: &[u8]) -> u16 {
+/// The ones'-complement sum of the IPv4 pseudo-header and `udp` (header and payload).
+fn udp_sum(src: Ipv4, dst: Ipv4, udp: &[u8]) -> u16 {
     let mut sum = sum_words(&src, 0);
     sum = sum_words(&dst, sum);
     sum += u32::from(PROTO_UDP) + udp.len() as u32;
-    let c = !fold(sum_words(udp, sum));
+    fold(sum_words(udp, sum))
+}
+
+/// The UDP checksum for `udp` with its checksum field zero; an all-zero result is sent
+/// as 0xffff (RFC 768: zero means "no checksum").
+fn udp_checksum(src: Ipv4, dst: Ipv4, udp: &[u8]) -> u16 {
+    let c = !udp_sum(src, dst, udp);
     if c == 0 { 0xffff } else { c }
 }
 
@@ -187,10 +192,8 @@ fn parse_ipv4(src_mac: Mac, p: &[u8]) -> Frame<'_> {
                 return Frame::Other("udp length");
             }
             let udp = &body[..len];
-            if be16(udp, 6) != 0 && udp_checksum(src_ip, dst_ip, udp) != 0xffff {
-                // Summing a datagram with a correct checksum in place gives 0xffff before
-                // the final complement, i.e. `udp_checksum` (which complements) would be 0,
-                // reported as 0xffff.
+            // With a correct checksum in place the sum is all ones (0 = no checksum).
+            if be16(udp, 6) != 0 && udp_sum(src_ip, dst_ip, udp) != 0xffff {
                 return Frame::Other("udp checksum");
             }
             Frame::Udp {
