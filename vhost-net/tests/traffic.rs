@@ -1,0 +1,228 @@
+//! Frames between the harness's virtio-net driver and a real TAP in a per-test network
+//! namespace, through the real backend process.
+
+mod common;
+
+use common::*;
+use ferrovirt_tests::ScratchDir;
+use ferrovirt_vhost_net::DropReason;
+
+fn tag_of(frame: &[u8]) -> u32 {
+    u32::from_be_bytes([frame[14], frame[15], frame[16], frame[17]])
+}
+
+#[test]
+fn tx_frames_come_out_of_the_tap_byte_for_byte_in_one_submit_per_kick() {
+    let dir = ScratchDir::new("net-tx").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+
+    let frames: Vec<Vec<u8>> = (0..32).map(|i| frame(i, 60 + 43 * i as usize)).collect();
+    guest.send(0, &frames);
+    let got = wire.receive(frames.len(), TIMEOUT);
+    assert_eq!(got, frames, "every frame, in order, unchanged");
+    let used = guest.wait_tx(0, 32);
+    assert_eq!(used.len(), 32);
+    assert!(used.iter().all(|u| u.len == 0), "TX chains come back with length 0");
+
+    let m = metrics(&backend);
+    assert_eq!(m.tx_packets, 32);
+    assert_eq!(m.tx_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
+    assert!(
+        m.tx_submits <= 2,
+        "{} submits for one kick of 32 frames",
+        m.tx_submits
+    );
+}
+
+#[test]
+fn frames_sent_on_the_tap_arrive_in_rx_chains_with_a_vnet_header() {
+    let dir = ScratchDir::new("net-rx").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    guest.post_rx(0, 64, 2048);
+
+    let frames: Vec<Vec<u8>> = (0..20).map(|i| frame(100 + i, 60 + 70 * i as usize)).collect();
+    for f in &frames {
+        wire.send(f);
+    }
+    let got = guest.receive(0, frames.len(), TIMEOUT);
+    let ours: Vec<&RxFrame> = got.iter().filter(|r| r.frame.len() >= 18).collect();
+    assert_eq!(ours.len(), frames.len());
+    for (r, f) in ours.iter().zip(&frames) {
+        assert_eq!(&r.frame, f);
+        assert_eq!(&r.header[..10], &[0u8; 10], "no offload in the header");
+        assert_eq!(r.num_buffers(), 1, "num_buffers is 1 without MRG_RXBUF");
+    }
+    assert_eq!(metrics(&backend).rx_packets, 20);
+}
+
+#[test]
+fn with_mrg_rxbuf_a_frame_spans_several_small_chains() {
+    let dir = ScratchDir::new("net-mrg").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(true));
+    assert!(guest.conn.has_feature(F_MRG_RXBUF));
+    guest.post_rx(0, 64, 256);
+
+    let big = frame(7, 1000);
+    let small = frame(8, 100);
+    wire.send(&big);
+    wire.send(&small);
+    let got = guest.receive(0, 2, TIMEOUT);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].frame, big);
+    // 12 + 1000 bytes over 256-byte chains.
+    assert_eq!(got[0].num_buffers(), 4);
+    assert_eq!(got[0].chains, 4);
+    assert_eq!(got[1].frame, small);
+    assert_eq!(got[1].num_buffers(), 1);
+}
+
+#[test]
+fn without_rx_buffers_frames_wait_in_the_backend_instead_of_being_dropped() {
+    let dir = ScratchDir::new("net-wait").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+
+    let frames: Vec<Vec<u8>> = (0..8).map(|i| frame(200 + i, 300)).collect();
+    for f in &frames {
+        wire.send(f);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(metrics(&backend).rx_packets, 0);
+    guest.post_rx(0, 16, 2048);
+    let got = guest.receive(0, frames.len(), TIMEOUT);
+    let got: Vec<Vec<u8>> = got.into_iter().map(|r| r.frame).collect();
+    assert_eq!(got, frames);
+    let m = metrics(&backend);
+    assert_eq!(m.rx_dropped.values().sum::<u64>(), 0, "{m:?}");
+}
+
+#[test]
+fn two_queue_pairs_carry_traffic_both_ways() {
+    let dir = ScratchDir::new("net-mq").unwrap();
+    let tap = NsTap::create(true);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &["--queue-pairs", "2"]);
+    let mut guest = NetDriver::connect(backend.socket(), 2, default_features(true));
+    guest.post_rx(0, 128, 2048);
+    guest.post_rx(1, 128, 2048);
+
+    let pair0: Vec<Vec<u8>> = (0..10).map(|i| frame(300 + i, 200)).collect();
+    let pair1: Vec<Vec<u8>> = (0..10).map(|i| frame(400 + i, 200)).collect();
+    guest.send(0, &pair0);
+    guest.send(1, &pair1);
+    let mut got: Vec<u32> = wire.receive(20, TIMEOUT).iter().map(|f| tag_of(f)).collect();
+    got.sort_unstable();
+    let mut want: Vec<u32> = (300..310).chain(400..410).collect();
+    want.sort_unstable();
+    assert_eq!(got, want, "both TX queues reach the TAP");
+
+    // The TAP spreads flows over its queues by hash: 64 UDP flows land on both.
+    let flows: Vec<Vec<u8>> = (0..64).map(|i| udp_frame(500 + i, 10_000 + i as u16)).collect();
+    for f in &flows {
+        wire.send(f);
+    }
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let (mut on0, mut on1) = (Vec::new(), Vec::new());
+    while on0.len() + on1.len() < flows.len() && std::time::Instant::now() < deadline {
+        on0.extend(guest.receive(0, 1, std::time::Duration::from_millis(100)));
+        on1.extend(guest.receive(1, 1, std::time::Duration::from_millis(100)));
+    }
+    let udp_tags = |frames: &[RxFrame]| -> Vec<u32> {
+        frames
+            .iter()
+            .filter(|r| r.frame.len() == 80 && r.frame[12..14] == [8, 0])
+            .map(|r| u32::from_be_bytes(r.frame[42..46].try_into().unwrap()))
+            .collect()
+    };
+    let (t0, t1) = (udp_tags(&on0), udp_tags(&on1));
+    assert_eq!(t0.len() + t1.len(), 64, "every flow arrives once");
+    assert!(!t0.is_empty() && !t1.is_empty(), "flows on both pairs: {} / {}", t0.len(), t1.len());
+}
+
+#[test]
+fn hostile_chains_are_counted_and_dropped_while_good_traffic_continues() {
+    let dir = ScratchDir::new("net-hostile").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &["--mtu", "1500"]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    let beyond = guest.mem.size() + 4096;
+    let buf = guest.mem.alloc(4096, 8).unwrap().0;
+    guest.mem.write(ferrovirt_tests::vhost_user_frontend::GuestAddress(buf), &[0u8; 4096]).unwrap();
+
+    // TX: too short for the header, outside memory, device-writable, over the MTU.
+    guest.add_raw(1, &[(buf, 8, 0)]);
+    guest.add_raw(1, &[(buf, 12, 0), (beyond, 100, 0)]);
+    guest.add_raw(1, &[(buf, 12, 0), (buf + 64, 100, 2)]);
+    let mut long = vec![0u8; 12];
+    long.extend(frame(9, 3000));
+    let long_at = guest.mem.alloc(long.len() as u64, 8).unwrap();
+    guest.mem.write(long_at, &long).unwrap();
+    guest.add_raw(1, &[(long_at.0, long.len() as u32, 0)]);
+    let good: Vec<Vec<u8>> = (0..5).map(|i| frame(600 + i, 500)).collect();
+    guest.send(0, &good);
+    assert_eq!(wire.receive(5, TIMEOUT), good, "good frames still flow");
+    let used = guest.wait_tx(0, 9);
+    assert_eq!(used.len(), 9, "dropped chains are returned too");
+
+    // RX: read-only, too short, outside memory; then good chains.
+    guest.add_raw(0, &[(buf, 2048, 0)]);
+    guest.add_raw(0, &[(buf, 8, 2)]);
+    guest.add_raw(0, &[(beyond, 2048, 2)]);
+    guest.post_rx(0, 8, 2048);
+    let f = frame(700, 400);
+    wire.send(&f);
+    let got = guest.receive(0, 1, TIMEOUT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].frame, f);
+
+    let m = metrics(&backend);
+    assert_eq!(m.tx_dropped_for(DropReason::HeaderTooShort), 1, "{m:?}");
+    assert_eq!(m.tx_dropped_for(DropReason::OutsideMemory), 1, "{m:?}");
+    assert_eq!(m.tx_dropped_for(DropReason::WrongDirection), 1, "{m:?}");
+    assert_eq!(m.tx_dropped_for(DropReason::FrameTooLong), 1, "{m:?}");
+    assert_eq!(m.tx_packets, 5);
+    assert_eq!(m.rx_dropped_for(DropReason::WrongDirection), 1, "{m:?}");
+    assert_eq!(m.rx_dropped_for(DropReason::HeaderTooShort), 1, "{m:?}");
+    assert_eq!(m.rx_dropped_for(DropReason::OutsideMemory), 1, "{m:?}");
+    assert!(backend.stderr().is_empty() || !backend.stderr().contains("panicked"));
+}
+
+#[test]
+fn traffic_resumes_after_the_backend_is_killed_and_restarted() {
+    let dir = ScratchDir::new("net-restart").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(true));
+    guest.post_rx(0, 32, 2048);
+    let before: Vec<Vec<u8>> = (0..4).map(|i| frame(800 + i, 128)).collect();
+    guest.send(0, &before);
+    assert_eq!(wire.receive(4, TIMEOUT), before);
+    guest.wait_tx(0, 4);
+
+    backend.crash().unwrap();
+    let backend = start_backend(&dir, &tap, &[]);
+    guest.reconnect(backend.socket());
+
+    let after: Vec<Vec<u8>> = (0..4).map(|i| frame(900 + i, 128)).collect();
+    guest.send(0, &after);
+    assert_eq!(wire.receive(4, TIMEOUT), after);
+    let f = frame(950, 200);
+    wire.send(&f);
+    let got = guest.receive(0, 1, TIMEOUT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].frame, f);
+    assert_eq!(metrics(&backend).connections, 1);
+}
