@@ -154,6 +154,24 @@ fn open_named(name: &str, pairs: u16) -> Result<Tap, TapError> {
             netns: String::new(),
         });
     }
+    // A backend restarted right after a crash finds the TAP still attached for a moment: the
+    // kernel releases the dead instance's io_uring (and the files registered with it)
+    // asynchronously. Retry EBUSY briefly before calling the TAP busy.
+    let deadline = std::time::Instant::now() + BUSY_GRACE;
+    loop {
+        match attach_queues(name, pairs) {
+            Err(TapError::Busy(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a busy TAP may take to become free.
+const BUSY_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn attach_queues(name: &str, pairs: u16) -> Result<Tap, TapError> {
     let queues = (0..pairs)
         .map(|_| {
             // Blocking descriptor: io_uring polls it, and a plain read would wait.
