@@ -27,7 +27,11 @@ impl VhostNetBackend {
 
     /// Like [`Self::start`] with a given binary (a crate's own tests pass
     /// `env!("CARGO_BIN_EXE_ferrovirt-vhost-net")` and skip the release build).
-    pub fn start_binary(binary: &Path, socket: &Path, flags: &[&str]) -> Result<Self, ProcessError> {
+    pub fn start_binary(
+        binary: &Path,
+        socket: &Path,
+        flags: &[&str],
+    ) -> Result<Self, ProcessError> {
         let metrics_socket = socket.with_extension("metrics");
         let mut cmd = Command::new(binary);
         cmd.arg("--socket")

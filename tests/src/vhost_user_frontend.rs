@@ -404,8 +404,7 @@ impl SplitQueue {
         while out.len() < count {
             // virtio 1.2 §2.7.10: used_event lives after the avail ring.
             memory.write(
-                self.avail_ring
-                    .unchecked_add(4 + 2 * u64::from(self.size)),
+                self.avail_ring.unchecked_add(4 + 2 * u64::from(self.size)),
                 &self.last_used.to_le_bytes(),
             )?;
             fence(Ordering::SeqCst);
@@ -473,8 +472,7 @@ impl VhostUserConnection {
         wanted_features: u64,
         wanted_protocol: VhostUserProtocolFeatures,
     ) -> Result<Self, FrontendError> {
-        let mut frontend =
-            Frontend::connect(socket, num_queues as u64).map_err(vu("connect"))?;
+        let mut frontend = Frontend::connect(socket, num_queues as u64).map_err(vu("connect"))?;
         frontend.set_owner().map_err(vu("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -652,7 +650,7 @@ mod tests {
         let mut mem = GuestMemory::new(64 << 10).unwrap();
         let a = mem.alloc(3, 1).unwrap();
         let b = mem.alloc(8, 4096).unwrap();
-        assert!(b.0 % 4096 == 0 && b.0 > a.0);
+        assert!(b.0.is_multiple_of(4096) && b.0 > a.0);
         assert!(matches!(
             mem.alloc(1 << 20, 8),
             Err(FrontendError::OutOfMemory { .. })

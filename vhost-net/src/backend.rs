@@ -383,14 +383,12 @@ impl PairWorker {
         head: u16,
         descs: &[Desc],
     ) -> Result<(), DropReason> {
-        let in_memory = |addr, len: u32| {
-            len == 0 || memory.check_range(GuestAddress(addr), len as usize)
-        };
+        let in_memory =
+            |addr, len: u32| len == 0 || memory.check_range(GuestAddress(addr), len as usize);
         let chain = parse_tx(descs, in_memory)?;
         let header = gather_header(memory, &chain.segments).ok_or(DropReason::OutsideMemory)?;
         let frame_len = chain.len - VNET_HDR_LEN;
-        let host_tso =
-            shared.has(VIRTIO_NET_F_HOST_TSO4) || shared.has(VIRTIO_NET_F_HOST_TSO6);
+        let host_tso = shared.has(VIRTIO_NET_F_HOST_TSO4) || shared.has(VIRTIO_NET_F_HOST_TSO6);
         if !tx_frame_fits(frame_len, header[GSO_TYPE_OFFSET], host_tso, shared.mtu) {
             return Err(DropReason::FrameTooLong);
         }
@@ -468,12 +466,11 @@ impl PairWorker {
             let pending = &mut self.pending;
             self.ring.reap(|c| match c {
                 Completion::Tx { tag, result } => done.push((tag, result)),
-                Completion::Rx { buffer, result } if result >= VNET_HDR_LEN as i32 => {
-                    pending.push_back(PendingFrame {
+                Completion::Rx { buffer, result } if result >= VNET_HDR_LEN as i32 => pending
+                    .push_back(PendingFrame {
                         buffer,
                         len: result as usize,
-                    })
-                }
+                    }),
                 Completion::Rx { .. } => {}
             });
             for (tag, result) in done {
@@ -569,9 +566,8 @@ impl PairWorker {
                     write_only: d.is_write_only(),
                 })
                 .collect();
-            let in_memory = |addr, len: u32| {
-                len == 0 || memory.check_range(GuestAddress(addr), len as usize)
-            };
+            let in_memory =
+                |addr, len: u32| len == 0 || memory.check_range(GuestAddress(addr), len as usize);
             match parse_rx(head, &descs, in_memory) {
                 Ok(chain) => {
                     self.stash.push_back(chain);
@@ -610,9 +606,11 @@ impl PairWorker {
         let mut offset = 0;
         let mut used = Vec::with_capacity(parts.len());
         for (chain, &n) in chains.iter().zip(parts) {
-            let copied = scatter(&frame[offset..offset + n], &chain.segments, |bytes, addr| {
-                memory.write_slice(bytes, addr)
-            });
+            let copied = scatter(
+                &frame[offset..offset + n],
+                &chain.segments,
+                |bytes, addr| memory.write_slice(bytes, addr),
+            );
             if copied.is_err() {
                 // The ranges were checked; a failure means the memory map changed under us.
                 shared.metrics.count_rx_drop(DropReason::OutsideMemory);

@@ -26,7 +26,12 @@ pub struct Flags {
     pub socket: PathBuf,
     /// Existing TAP device to open by name (create it with `ip tuntap add dev NAME mode tap`,
     /// adding `multi_queue` for --queue-pairs above 1).
-    #[arg(long, value_name = "NAME", conflicts_with = "tap_fd", required_unless_present = "tap_fd")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "tap_fd",
+        required_unless_present = "tap_fd"
+    )]
     pub tap: Option<String>,
     /// Network namespace the --tap device lives in: a name under /run/netns or a path (such as
     /// /proc/PID/ns/net). The backend itself stays in its own namespace.
@@ -63,7 +68,9 @@ pub enum ConfigError {
     TapFdCount { fds: usize, pairs: u16 },
     #[error("pass --tap NAME or --tap-fd FD")]
     NoTap,
-    #[error("--netns only applies to --tap NAME; an inherited --tap-fd is already bound to its namespace")]
+    #[error(
+        "--netns only applies to --tap NAME; an inherited --tap-fd is already bound to its namespace"
+    )]
     NetNsWithoutTap,
 }
 
@@ -164,7 +171,14 @@ mod tests {
         let err = parse(&["--socket", "/s", "--tap-fd", "3", "--queue-pairs", "2"]).unwrap_err();
         assert!(err.contains("one inherited TAP queue per pair"), "{err}");
         let c = parse(&[
-            "--socket", "/s", "--tap-fd", "3", "--tap-fd", "4", "--queue-pairs", "2",
+            "--socket",
+            "/s",
+            "--tap-fd",
+            "3",
+            "--tap-fd",
+            "4",
+            "--queue-pairs",
+            "2",
         ])
         .unwrap();
         assert_eq!(c.tap, TapSource::Fds(vec![3, 4]));

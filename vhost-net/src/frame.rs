@@ -240,7 +240,8 @@ mod tests {
     const MEM: u64 = 1 << 20;
 
     fn in_memory(addr: u64, len: u32) -> bool {
-        addr.checked_add(u64::from(len)).is_some_and(|end| end <= MEM)
+        addr.checked_add(u64::from(len))
+            .is_some_and(|end| end <= MEM)
     }
 
     fn desc() -> impl Strategy<Value = Desc> {

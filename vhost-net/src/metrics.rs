@@ -123,7 +123,8 @@ pub fn serve_metrics(path: &Path, metrics: Arc<Metrics>) -> Result<(), MetricsEr
     }) {
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path).map_err(|e| MetricsError::Listen(path.to_owned(), e))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| MetricsError::Listen(path.to_owned(), e))?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {

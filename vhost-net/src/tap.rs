@@ -41,9 +41,13 @@ pub enum TapError {
     FdNotTap(i32, #[source] std::io::Error),
     #[error("--tap-fd {0} is a TUN, not a TAP (IFF_TAP) device")]
     FdIsTun(i32),
-    #[error("--tap-fd {0} was opened without IFF_VNET_HDR; open it with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR")]
+    #[error(
+        "--tap-fd {0} was opened without IFF_VNET_HDR; open it with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"
+    )]
     FdWithoutVnetHdr(i32),
-    #[error("--tap-fd {0} was opened without IFF_NO_PI; open it with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR")]
+    #[error(
+        "--tap-fd {0} was opened without IFF_NO_PI; open it with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"
+    )]
     FdWithPi(i32),
     #[error("--tap-fd {0} is not a valid descriptor of this process")]
     FdInvalid(i32),
@@ -121,9 +125,8 @@ impl Tap {
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         for q in &self.queues {
             // SAFETY: TUNSETOFFLOAD takes its argument by value.
-            let r = unsafe {
-                libc::ioctl(q.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong)
-            };
+            let r =
+                unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
             if r < 0 {
                 return Err(TapError::Offload(flags, std::io::Error::last_os_error()));
             }
@@ -221,10 +224,7 @@ fn open_named_in_netns(name: &str, netns: &str, pairs: u16) -> Result<Tap, TapEr
         .spawn(move || -> Result<Tap, TapError> {
             // SAFETY: setns on descriptors we own; it only changes this thread's namespace.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                return Err(TapError::EnterNetNs(
-                    netns,
-                    std::io::Error::last_os_error(),
-                ));
+                return Err(TapError::EnterNetNs(netns, std::io::Error::last_os_error()));
             }
             let opened = open_named(&name, pairs).map_err(|e| match e {
                 TapError::Missing { name, .. } => TapError::Missing {

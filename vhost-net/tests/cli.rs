@@ -63,7 +63,10 @@ fn a_missing_netns_is_a_clear_error() {
         "--netns",
         "fv-no-such-netns",
     ]);
-    assert_fails_with(&out, "network namespace \"fv-no-such-netns\" does not exist");
+    assert_fails_with(
+        &out,
+        "network namespace \"fv-no-such-netns\" does not exist",
+    );
 }
 
 #[test]
@@ -85,7 +88,10 @@ fn a_socket_in_use_is_a_clear_error() {
     let s = ScratchDir::new("net-cli-sock").unwrap();
     let tap = NsTap::create(false);
     let _live = UnixListener::bind(s.join("s")).unwrap();
-    let mut args = vec!["--socket".to_string(), s.join("s").to_str().unwrap().to_string()];
+    let mut args = vec![
+        "--socket".to_string(),
+        s.join("s").to_str().unwrap().to_string(),
+    ];
     args.extend(tap.flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_fails_with(&run(&args), "in use by a running process");

@@ -25,11 +25,17 @@ fn tx_frames_come_out_of_the_tap_byte_for_byte_in_one_submit_per_kick() {
     assert_eq!(got, frames, "every frame, in order, unchanged");
     let used = guest.wait_tx(0, 32);
     assert_eq!(used.len(), 32);
-    assert!(used.iter().all(|u| u.len == 0), "TX chains come back with length 0");
+    assert!(
+        used.iter().all(|u| u.len == 0),
+        "TX chains come back with length 0"
+    );
 
     let m = metrics(&backend);
     assert_eq!(m.tx_packets, 32);
-    assert_eq!(m.tx_bytes, frames.iter().map(|f| f.len() as u64).sum::<u64>());
+    assert_eq!(
+        m.tx_bytes,
+        frames.iter().map(|f| f.len() as u64).sum::<u64>()
+    );
     assert!(
         m.tx_submits <= 2,
         "{} submits for one kick of 32 frames",
@@ -46,7 +52,9 @@ fn frames_sent_on_the_tap_arrive_in_rx_chains_with_a_vnet_header() {
     let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
     guest.post_rx(0, 64, 2048);
 
-    let frames: Vec<Vec<u8>> = (0..20).map(|i| frame(100 + i, 60 + 70 * i as usize)).collect();
+    let frames: Vec<Vec<u8>> = (0..20)
+        .map(|i| frame(100 + i, 60 + 70 * i as usize))
+        .collect();
     for f in &frames {
         wire.send(f);
     }
@@ -121,14 +129,20 @@ fn two_queue_pairs_carry_traffic_both_ways() {
     let pair1: Vec<Vec<u8>> = (0..10).map(|i| frame(400 + i, 200)).collect();
     guest.send(0, &pair0);
     guest.send(1, &pair1);
-    let mut got: Vec<u32> = wire.receive(20, TIMEOUT).iter().map(|f| tag_of(f)).collect();
+    let mut got: Vec<u32> = wire
+        .receive(20, TIMEOUT)
+        .iter()
+        .map(|f| tag_of(f))
+        .collect();
     got.sort_unstable();
     let mut want: Vec<u32> = (300..310).chain(400..410).collect();
     want.sort_unstable();
     assert_eq!(got, want, "both TX queues reach the TAP");
 
     // The TAP spreads flows over its queues by hash: 64 UDP flows land on both.
-    let flows: Vec<Vec<u8>> = (0..64).map(|i| udp_frame(500 + i, 10_000 + i as u16)).collect();
+    let flows: Vec<Vec<u8>> = (0..64)
+        .map(|i| udp_frame(500 + i, 10_000 + i as u16))
+        .collect();
     for f in &flows {
         wire.send(f);
     }
@@ -147,7 +161,12 @@ fn two_queue_pairs_carry_traffic_both_ways() {
     };
     let (t0, t1) = (udp_tags(&on0), udp_tags(&on1));
     assert_eq!(t0.len() + t1.len(), 64, "every flow arrives once");
-    assert!(!t0.is_empty() && !t1.is_empty(), "flows on both pairs: {} / {}", t0.len(), t1.len());
+    assert!(
+        !t0.is_empty() && !t1.is_empty(),
+        "flows on both pairs: {} / {}",
+        t0.len(),
+        t1.len()
+    );
 }
 
 #[test]
@@ -159,7 +178,13 @@ fn hostile_chains_are_counted_and_dropped_while_good_traffic_continues() {
     let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
     let beyond = guest.mem.size() + 4096;
     let buf = guest.mem.alloc(4096, 8).unwrap().0;
-    guest.mem.write(ferrovirt_tests::vhost_user_frontend::GuestAddress(buf), &[0u8; 4096]).unwrap();
+    guest
+        .mem
+        .write(
+            ferrovirt_tests::vhost_user_frontend::GuestAddress(buf),
+            &[0u8; 4096],
+        )
+        .unwrap();
 
     // TX: too short for the header, outside memory, device-writable, over the MTU.
     guest.add_raw(1, &[(buf, 8, 0)]);
@@ -197,7 +222,11 @@ fn hostile_chains_are_counted_and_dropped_while_good_traffic_continues() {
     assert_eq!(m.rx_dropped_for(DropReason::WrongDirection), 1, "{m:?}");
     assert_eq!(m.rx_dropped_for(DropReason::HeaderTooShort), 1, "{m:?}");
     assert_eq!(m.rx_dropped_for(DropReason::OutsideMemory), 1, "{m:?}");
-    assert!(!backend.stderr().contains("panicked"), "{}", backend.stderr());
+    assert!(
+        !backend.stderr().contains("panicked"),
+        "{}",
+        backend.stderr()
+    );
 }
 
 #[test]

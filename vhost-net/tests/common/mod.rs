@@ -37,16 +37,33 @@ impl NsTap {
     pub fn create(multi_queue: bool) -> Self {
         let ns = NetNs::create("vn").unwrap_or_else(|e| panic!("{e}"));
         let name = unique_name("vtap");
-        let mut args = vec!["-n", ns.name(), "tuntap", "add", "dev", &name, "mode", "tap"];
+        let mut args = vec![
+            "-n",
+            ns.name(),
+            "tuntap",
+            "add",
+            "dev",
+            &name,
+            "mode",
+            "tap",
+        ];
         if multi_queue {
             args.push("multi_queue");
         }
         ip(&args).unwrap_or_else(|e| panic!("{e}"));
         // No IPv6 link-local address: nothing but the test's frames on the wire.
-        ip(&["-n", ns.name(), "link", "set", "dev", &name, "addrgenmode", "none"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        ip(&["-n", ns.name(), "link", "set", "dev", &name, "up"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        ip(&[
+            "-n",
+            ns.name(),
+            "link",
+            "set",
+            "dev",
+            &name,
+            "addrgenmode",
+            "none",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        ip(&["-n", ns.name(), "link", "set", "dev", &name, "up"]).unwrap_or_else(|e| panic!("{e}"));
         Self { ns, name }
     }
 
@@ -70,7 +87,10 @@ pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'st
     let ns = File::open(ns).unwrap();
     std::thread::spawn(move || {
         // SAFETY: setns on an open namespace file; it affects this short-lived thread only.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
         f()
     })
     .join()
@@ -129,7 +149,12 @@ impl PacketSocket {
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: the buffer is valid for its length.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize, "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Frames of our ethertype that came in from the guest, until `count` or the timeout.
@@ -325,7 +350,9 @@ impl NetDriver {
         for _ in 0..count {
             let buf = self.mem.alloc(u64::from(size), 8).unwrap();
             let q = &mut self.queues[2 * pair];
-            let head = q.add_chain(&self.mem, &[Buffer::writable(buf, size)]).unwrap();
+            let head = q
+                .add_chain(&self.mem, &[Buffer::writable(buf, size)])
+                .unwrap();
             self.rx_buffers[pair].insert(head, (buf, size));
         }
         let q = &mut self.queues[2 * pair];
@@ -358,7 +385,11 @@ impl NetDriver {
                 }
                 let (addr, _) = self.rx_buffers[pair][&first.head];
                 let head_bytes = self.mem.read(addr, first.len as usize).unwrap();
-                assert!(head_bytes.len() >= VNET_HDR, "used length {} < header", first.len);
+                assert!(
+                    head_bytes.len() >= VNET_HDR,
+                    "used length {} < header",
+                    first.len
+                );
                 let n = usize::from(u16::from_le_bytes([head_bytes[10], head_bytes[11]]));
                 if used.len() < n.max(1) {
                     // The rest of a merged frame: published together, so this is a bug.
