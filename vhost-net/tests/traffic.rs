@@ -45,11 +45,22 @@ fn tx_frames_come_out_of_the_tap_byte_for_byte_in_one_submit_per_kick() {
 
 #[test]
 fn frames_sent_on_the_tap_arrive_in_rx_chains_with_a_vnet_header() {
+    rx_round_trip(default_features(false));
+}
+
+#[test]
+fn rx_and_tx_work_without_event_idx() {
+    let features = default_features(false) & !(1 << F_EVENT_IDX);
+    rx_round_trip(features);
+}
+
+fn rx_round_trip(features: u64) {
     let dir = ScratchDir::new("net-rx").unwrap();
     let tap = NsTap::create(false);
     let wire = tap.socket();
     let backend = start_backend(&dir, &tap, &[]);
-    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    let mut guest = NetDriver::connect(backend.socket(), 1, features);
+    assert_eq!(guest.conn().features() & (1 << F_EVENT_IDX), features & (1 << F_EVENT_IDX));
     guest.post_rx(0, 64, 2048);
 
     let frames: Vec<Vec<u8>> = (0..20)
@@ -67,6 +78,25 @@ fn frames_sent_on_the_tap_arrive_in_rx_chains_with_a_vnet_header() {
         assert_eq!(r.num_buffers(), 1, "num_buffers is 1 without MRG_RXBUF");
     }
     assert_eq!(metrics(&backend).rx_packets, 20);
+    let tx: Vec<Vec<u8>> = (0..3).map(|i| frame(150 + i, 90)).collect();
+    guest.send(0, &tx);
+    assert_eq!(wire.receive(3, TIMEOUT), tx);
+}
+
+#[test]
+fn get_vring_base_gives_back_rx_chains_still_waiting_for_a_frame() {
+    let dir = ScratchDir::new("net-base").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(true));
+    // Two 256-byte chains cannot hold 12 + 1000 bytes: the backend holds them and waits.
+    guest.post_rx(0, 2, 256);
+    wire.send(&frame(1, 1000));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(guest.queues[0].used_index(&guest.mem).unwrap(), 0);
+    let base = guest.conn.as_mut().unwrap().stop_queue(0).unwrap();
+    assert_eq!(base, 0, "chains the device did not use are not past the base");
 }
 
 #[test]
@@ -76,7 +106,7 @@ fn with_mrg_rxbuf_a_frame_spans_several_small_chains() {
     let wire = tap.socket();
     let backend = start_backend(&dir, &tap, &[]);
     let mut guest = NetDriver::connect(backend.socket(), 1, default_features(true));
-    assert!(guest.conn.has_feature(F_MRG_RXBUF));
+    assert!(guest.conn().has_feature(F_MRG_RXBUF));
     guest.post_rx(0, 64, 256);
 
     let big = frame(7, 1000);
@@ -255,4 +285,27 @@ fn traffic_resumes_after_the_backend_is_killed_and_restarted() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].frame, f);
     assert_eq!(metrics(&backend).connections, 1);
+}
+
+#[test]
+fn a_vmm_that_reconnects_gets_a_fresh_device_on_the_same_tap() {
+    let dir = ScratchDir::new("net-vmm-reconnect").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    guest.post_rx(0, 8, 2048);
+    guest.send(0, &[frame(1000, 100)]);
+    assert_eq!(wire.receive(1, TIMEOUT).len(), 1);
+    guest.wait_tx(0, 1);
+
+    guest.reconnect(backend.socket());
+    let f = frame(1001, 300);
+    wire.send(&f);
+    let got = guest.receive(0, 1, TIMEOUT);
+    assert_eq!(got.len(), 1, "RX chains posted before the reconnect are found again");
+    assert_eq!(got[0].frame, f);
+    guest.send(0, &[frame(1002, 100)]);
+    assert_eq!(wire.receive(1, TIMEOUT), vec![frame(1002, 100)]);
+    assert_eq!(metrics(&backend).connections, 2);
 }

@@ -238,7 +238,8 @@ impl RxFrame {
 pub struct NetDriver {
     pub mem: GuestMemory,
     pub queues: Vec<SplitQueue>,
-    pub conn: VhostUserConnection,
+    /// The live connection; `None` between a disconnect and the next connect.
+    pub conn: Option<VhostUserConnection>,
     pub features: u64,
     /// Where each outstanding RX chain's buffer is, per RX queue, by head.
     rx_buffers: Vec<HashMap<u16, (GuestAddress, u32)>>,
@@ -264,7 +265,7 @@ impl NetDriver {
         Self {
             mem,
             queues,
-            conn,
+            conn: Some(conn),
             features,
             rx_buffers: vec![HashMap::new(); pairs],
             returned_rx: 0,
@@ -288,14 +289,31 @@ impl NetDriver {
         conn
     }
 
-    /// Connects again (after a backend restart), each queue starting at its used index.
+    pub fn conn(&self) -> &VhostUserConnection {
+        self.conn.as_ref().expect("connected")
+    }
+
+    /// Closes the vhost-user connection, as a VMM that goes away.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// Connects again (after a backend or VMM restart), each queue starting at its used index.
+    /// The old connection goes first: the backend serves one VMM at a time.
     pub fn reconnect(&mut self, socket: &Path) {
+        self.conn = None;
         let bases = self
             .queues
             .iter()
             .map(|q| q.used_index(&self.mem).unwrap())
             .collect();
-        self.conn = Self::handshake(socket, &self.mem, &self.queues, self.features, Some(bases));
+        self.conn = Some(Self::handshake(
+            socket,
+            &self.mem,
+            &self.queues,
+            self.features,
+            Some(bases),
+        ));
     }
 
     pub fn tx(&mut self, pair: usize) -> &mut SplitQueue {
