@@ -309,3 +309,36 @@ fn a_vmm_that_reconnects_gets_a_fresh_device_on_the_same_tap() {
     assert_eq!(wire.receive(1, TIMEOUT), vec![frame(1002, 100)]);
     assert_eq!(metrics(&backend).connections, 2);
 }
+
+/// `ethtool -k` of the TAP, inside its namespace.
+fn tap_offloads(tap: &NsTap) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", tap.ns.name(), "ethtool", "-k", &tap.name])
+        .output()
+        .expect("run ethtool (apt-get install ethtool)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tap_offloads_follow_the_features_the_guest_negotiated() {
+    const F_GUEST_CSUM: u32 = 1;
+    const F_GUEST_TSO4: u32 = 7;
+    const F_GUEST_TSO6: u32 = 8;
+    let dir = ScratchDir::new("net-offload").unwrap();
+    let tap = NsTap::create(false);
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    let plain = tap_offloads(&tap);
+    assert!(plain.contains("tx-tcp-segmentation: off"), "{plain}");
+    assert!(plain.contains("tx-checksumming: off"), "{plain}");
+
+    guest.disconnect();
+    let offloads = 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO4 | 1 << F_GUEST_TSO6;
+    guest.features = default_features(false) | offloads;
+    guest.reconnect(backend.socket());
+    assert_eq!(guest.conn().features() & offloads, offloads);
+    let on = tap_offloads(&tap);
+    assert!(on.contains("tx-tcp-segmentation: on"), "{on}");
+    assert!(on.contains("tx-checksumming: on"), "{on}");
+}
