@@ -487,9 +487,8 @@ impl VhostUserConnection {
                 .set_protocol_features(protocol_features)
                 .map_err(vu("SET_PROTOCOL_FEATURES"))?;
             if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+                // Also limits the queues this Frontend addresses to what the backend has.
                 queue_num = Some(frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?);
-                // GET_QUEUE_NUM lowers the frontend's own limit to what the backend has;
-                // keep ours so a test can address a queue the backend lacks.
             }
         }
         let features = (wanted_features & offered) | (offered & protocol_bit);

@@ -316,7 +316,7 @@ impl VhostUserBackend for NetBackend {
         worker.reap(&self.shared, tx);
         worker.deliver_rx(&self.shared, &memory, rx);
         worker.arm_rx();
-        worker.submit(&self.shared);
+        worker.submit();
         worker.signal(&self.shared, rx, tx);
         Ok(())
     }
@@ -670,13 +670,10 @@ impl PairWorker {
         }
     }
 
-    fn submit(&mut self, shared: &Shared) {
-        match self.ring.submit() {
-            Ok(_) => {}
-            Err(e) => {
-                let _ = shared;
-                tracing::error!(pair = self.pair, error = %e, "io_uring submit failed");
-            }
+    /// Hands armed reads (and anything else queued) to the kernel.
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(pair = self.pair, error = %e, "io_uring submit failed");
         }
     }
 

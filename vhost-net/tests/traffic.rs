@@ -60,7 +60,10 @@ fn rx_round_trip(features: u64) {
     let wire = tap.socket();
     let backend = start_backend(&dir, &tap, &[]);
     let mut guest = NetDriver::connect(backend.socket(), 1, features);
-    assert_eq!(guest.conn().features() & (1 << F_EVENT_IDX), features & (1 << F_EVENT_IDX));
+    assert_eq!(
+        guest.conn().features() & (1 << F_EVENT_IDX),
+        features & (1 << F_EVENT_IDX)
+    );
     guest.post_rx(0, 64, 2048);
 
     let frames: Vec<Vec<u8>> = (0..20)
@@ -96,7 +99,10 @@ fn get_vring_base_gives_back_rx_chains_still_waiting_for_a_frame() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(guest.queues[0].used_index(&guest.mem).unwrap(), 0);
     let base = guest.conn.as_mut().unwrap().stop_queue(0).unwrap();
-    assert_eq!(base, 0, "chains the device did not use are not past the base");
+    assert_eq!(
+        base, 0,
+        "chains the device did not use are not past the base"
+    );
 }
 
 #[test]
@@ -303,7 +309,11 @@ fn a_vmm_that_reconnects_gets_a_fresh_device_on_the_same_tap() {
     let f = frame(1001, 300);
     wire.send(&f);
     let got = guest.receive(0, 1, TIMEOUT);
-    assert_eq!(got.len(), 1, "RX chains posted before the reconnect are found again");
+    assert_eq!(
+        got.len(),
+        1,
+        "RX chains posted before the reconnect are found again"
+    );
     assert_eq!(got[0].frame, f);
     guest.send(0, &[frame(1002, 100)]);
     assert_eq!(wire.receive(1, TIMEOUT), vec![frame(1002, 100)]);
@@ -316,7 +326,11 @@ fn tap_offloads(tap: &NsTap) -> String {
         .args(["netns", "exec", tap.ns.name(), "ethtool", "-k", &tap.name])
         .output()
         .expect("run ethtool (apt-get install ethtool)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -341,4 +355,66 @@ fn tap_offloads_follow_the_features_the_guest_negotiated() {
     let on = tap_offloads(&tap);
     assert!(on.contains("tx-tcp-segmentation: on"), "{on}");
     assert!(on.contains("tx-checksumming: on"), "{on}");
+}
+
+/// An IPv4/TCP frame with `payload` bytes, checksum left to the device.
+fn tcp_frame(payload: usize) -> Vec<u8> {
+    let mut f = frame(0, 14 + 40 + payload);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip.fill(0);
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let tcp = &mut f[34..54];
+    tcp.fill(0);
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    f
+}
+
+#[test]
+fn with_host_tso_a_gso_frame_over_the_mtu_goes_out_and_without_it_is_dropped() {
+    const F_CSUM: u32 = 0;
+    const F_HOST_TSO4: u32 = 11;
+    let dir = ScratchDir::new("net-gso").unwrap();
+    let tap = NsTap::create(false);
+    let backend = start_backend(&dir, &tap, &[]);
+    // virtio 1.2 §5.1.6.2: NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, csum_offset.
+    let mut header = [0u8; VNET_HDR];
+    header[0] = 1;
+    header[1] = 1;
+    header[2..4].copy_from_slice(&54u16.to_le_bytes());
+    header[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    header[6..8].copy_from_slice(&34u16.to_le_bytes());
+    header[8..10].copy_from_slice(&16u16.to_le_bytes());
+    let big = tcp_frame(4000);
+
+    let mut plain = NetDriver::connect(backend.socket(), 1, default_features(false));
+    plain.send_with_header(0, &header, std::slice::from_ref(&big));
+    plain.wait_tx(0, 1);
+    let m = metrics(&backend);
+    assert_eq!(m.tx_dropped_for(DropReason::FrameTooLong), 1, "{m:?}");
+    assert_eq!(m.tx_packets, 0);
+    drop(plain);
+
+    let tso = default_features(false) | 1 << F_CSUM | 1 << F_HOST_TSO4;
+    let mut guest = NetDriver::connect(backend.socket(), 1, tso);
+    assert_eq!(guest.conn().features() & tso, tso);
+    let wire = tap.socket_for(0x0800);
+    guest.send_with_header(0, &header, std::slice::from_ref(&big));
+    guest.wait_tx(0, 1);
+    let m = metrics(&backend);
+    assert_eq!(m.tx_packets, 1, "{m:?}");
+    assert_eq!(m.tx_bytes, big.len() as u64);
+    let got = wire.receive(1, TIMEOUT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].len(), big.len(), "the TAP took it as one GSO frame");
+    assert_eq!(got[0][54..], big[54..], "payload intact");
 }

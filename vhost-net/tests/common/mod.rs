@@ -77,8 +77,16 @@ impl NsTap {
         ]
     }
 
+    /// A packet socket on the TAP that keeps frames of our test ethertype.
     pub fn socket(&self) -> PacketSocket {
-        PacketSocket::open(&self.ns.path(), &self.name)
+        self.socket_for(ETHERTYPE)
+    }
+
+    /// A packet socket on the TAP that keeps frames of `ethertype`.
+    pub fn socket_for(&self, ethertype: u16) -> PacketSocket {
+        let mut s = PacketSocket::open(&self.ns.path(), &self.name);
+        s.ethertype = ethertype;
+        s
     }
 }
 
@@ -101,6 +109,7 @@ pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'st
 /// (the guest's TX) is received here, what is sent here goes to the guest.
 pub struct PacketSocket {
     fd: OwnedFd,
+    ethertype: u16,
 }
 
 impl PacketSocket {
@@ -142,7 +151,10 @@ impl PacketSocket {
                 std::mem::size_of::<libc::timeval>() as u32,
             )
         };
-        Self { fd }
+        Self {
+            fd,
+            ethertype: ETHERTYPE,
+        }
     }
 
     /// Sends one frame out of the TAP, toward the guest.
@@ -157,7 +169,7 @@ impl PacketSocket {
         );
     }
 
-    /// Frames of our ethertype that came in from the guest, until `count` or the timeout.
+    /// Frames of the socket's ethertype that came in from the guest, until `count` or the timeout.
     pub fn receive(&self, count: usize, timeout: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
@@ -180,7 +192,7 @@ impl PacketSocket {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == ETHERTYPE {
+            if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == self.ethertype {
                 out.push(frame.to_vec());
             }
         }
@@ -334,10 +346,15 @@ impl NetDriver {
     /// Puts `frames` on TX queue `pair`, each as a header descriptor and a frame descriptor,
     /// published together with one kick.
     pub fn send(&mut self, pair: usize, frames: &[Vec<u8>]) {
+        self.send_with_header(pair, &[0u8; VNET_HDR], frames);
+    }
+
+    /// Like [`Self::send`] with a given virtio-net header on every frame.
+    pub fn send_with_header(&mut self, pair: usize, header: &[u8; VNET_HDR], frames: &[Vec<u8>]) {
         for f in frames {
             let hdr = self.mem.alloc(VNET_HDR as u64, 8).unwrap();
             let data = self.mem.alloc(f.len() as u64, 8).unwrap();
-            self.mem.write(hdr, &[0u8; VNET_HDR]).unwrap();
+            self.mem.write(hdr, header).unwrap();
             self.mem.write(data, f).unwrap();
             let q = &mut self.queues[2 * pair + 1];
             q.add_chain(
