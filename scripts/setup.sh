@@ -11,9 +11,11 @@ set -euo pipefail
 #   acpica-tools     iasl, which checks the ACPI tables the VMM writes
 #   fio              the host io_uring limit in the blk benchmark
 #   ethtool          the vhost-net tests read the TAP offloads the backend sets
+#   dpdk-dev         dpdk-testpmd, the reference vhost-user-net backend the frontend harness is
+#                    cross-checked against (vhost-net/tests/reference_backend.rs)
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio ethtool)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio ethtool dpdk-dev)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
