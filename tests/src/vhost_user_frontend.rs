@@ -323,13 +323,10 @@ impl SplitQueue {
                 Some(&next) => (flags | VRING_DESC_F_NEXT, next),
                 None => (flags & !VRING_DESC_F_NEXT, 0),
             };
-            // virtio 1.2 §2.7.5: struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-            memory.write(self.desc_addr(ids[i]), &d)?;
+            memory.write(
+                self.desc_addr(ids[i]),
+                &raw_descriptor(addr, len, flags, next),
+            )?;
         }
         let head = ids[0];
         let slot = u64::from(self.avail_idx % self.size);
@@ -340,6 +337,39 @@ impl SplitQueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.chains.insert(head, ids);
         Ok(head)
+    }
+
+    /// Puts `buffers` in an indirect descriptor table at `table` (16 bytes per buffer, which
+    /// the caller allocated) and adds a one-descriptor chain pointing at it (virtio 1.2
+    /// §2.7.5.3; needs VIRTIO_RING_F_INDIRECT_DESC). Returns the head.
+    pub fn add_indirect_chain(
+        &mut self,
+        memory: &GuestMemory,
+        table: GuestAddress,
+        buffers: &[Buffer],
+    ) -> Result<u16, FrontendError> {
+        if buffers.is_empty() {
+            return Err(FrontendError::EmptyChain);
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            let mut flags = if b.device_writable {
+                VRING_DESC_F_WRITE
+            } else {
+                0
+            };
+            let next = if i + 1 < buffers.len() {
+                flags |= VRING_DESC_F_NEXT;
+                i as u16 + 1
+            } else {
+                0
+            };
+            memory.write(
+                table.unchecked_add(16 * i as u64),
+                &raw_descriptor(b.addr.0, b.len, flags, next),
+            )?;
+        }
+        let len = 16 * buffers.len() as u32;
+        self.add_raw_chain(memory, &[(table.0, len, VRING_DESC_F_INDIRECT)])
     }
 
     fn desc_addr(&self, id: u16) -> GuestAddress {
@@ -436,6 +466,16 @@ impl SplitQueue {
         }
         Ok(out)
     }
+}
+
+/// virtio 1.2 §2.7.5: struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
+fn raw_descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
 }
 
 /// A vhost-user connection to a backend socket.

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use ferrovirt_tests::ScratchDir;
+use ferrovirt_tests::vhost_user_frontend::Buffer;
 use ferrovirt_vhost_net::DropReason;
 
 fn tag_of(frame: &[u8]) -> u32 {
@@ -417,4 +418,33 @@ fn with_host_tso_a_gso_frame_over_the_mtu_goes_out_and_without_it_is_dropped() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].len(), big.len(), "the TAP took it as one GSO frame");
     assert_eq!(got[0][54..], big[54..], "payload intact");
+}
+
+#[test]
+fn tx_frames_in_indirect_descriptor_tables_reach_the_tap() {
+    const F_INDIRECT_DESC: u32 = 28;
+    let dir = ScratchDir::new("net-indirect").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let features = default_features(false) | 1 << F_INDIRECT_DESC;
+    let mut guest = NetDriver::connect(backend.socket(), 1, features);
+    assert!(guest.conn().has_feature(F_INDIRECT_DESC));
+    let f = frame(1100, 700);
+    // Header, then the frame in three pieces, all through one indirect table.
+    let hdr = guest.mem.alloc(VNET_HDR as u64, 8).unwrap();
+    guest.mem.write(hdr, &[0u8; VNET_HDR]).unwrap();
+    let mut buffers = vec![Buffer::readable(hdr, VNET_HDR as u32)];
+    for piece in f.chunks(300) {
+        let at = guest.mem.alloc(piece.len() as u64, 8).unwrap();
+        guest.mem.write(at, piece).unwrap();
+        buffers.push(Buffer::readable(at, piece.len() as u32));
+    }
+    let table = guest.mem.alloc(16 * buffers.len() as u64, 16).unwrap();
+    let q = &mut guest.queues[1];
+    q.add_indirect_chain(&guest.mem, table, &buffers).unwrap();
+    q.publish(&guest.mem).unwrap();
+    q.kick().unwrap();
+    assert_eq!(wire.receive(1, TIMEOUT), vec![f]);
+    guest.wait_tx(0, 1);
 }
