@@ -237,6 +237,11 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            // Legacy drivers use a 10-byte header without MRG_RXBUF; this backend speaks the
+            // 12-byte virtio 1.x header only.
+            tracing::error!("the VMM did not negotiate VIRTIO_F_VERSION_1; frames will be garbled");
+        }
         self.shared.acked.store(features, Ordering::Relaxed);
         let offload = tap_offload_for(features);
         if let Err(e) = self.shared.tap.set_offload(offload) {
