@@ -115,9 +115,8 @@ impl Shared {
     }
 }
 
-/// A TX chain whose frame the kernel is writing.
+/// A TX chain whose frame the kernel is writing, by its sequence number.
 struct InFlightTx {
-    head: u16,
     frame_len: usize,
     /// Keeps the mapping the iovecs point into alive until the write completes.
     _memory: MemoryGuard,
@@ -133,7 +132,12 @@ struct PairWorker {
     pair: u16,
     ring: TapRing,
     tx_in_flight: HashMap<u64, InFlightTx>,
-    next_tag: u64,
+    /// TX chains in the order the guest made them available, from sequence `tx_front_seq`:
+    /// used entries are published in this order (like vhost-blk's order.rs), so a frontend
+    /// that restarts the ring from its used index after a crash loses no chain.
+    tx_order: VecDeque<TxSlot>,
+    tx_front_seq: u64,
+    tx_next_seq: u64,
     pending: VecDeque<PendingFrame>,
     /// RX chains popped from the avail ring and not yet filled (the latest popped, in order).
     stash: VecDeque<RxChain>,
@@ -144,6 +148,13 @@ struct PairWorker {
     rx_force_signal: bool,
     /// The pair's RX ring as last seen by the event loop, for GET_VRING_BASE.
     rx_vring: Option<VringRwLock>,
+    tx_vring: Option<VringRwLock>,
+}
+
+/// A TX chain between pop and used.
+struct TxSlot {
+    head: u16,
+    done: bool,
 }
 
 impl NetBackend {
@@ -167,13 +178,16 @@ impl NetBackend {
                     pair,
                     ring,
                     tx_in_flight: HashMap::new(),
-                    next_tag: 0,
+                    tx_order: VecDeque::new(),
+                    tx_front_seq: 0,
+                    tx_next_seq: 0,
                     pending: VecDeque::new(),
                     stash: VecDeque::new(),
                     rx_unsignalled: false,
                     tx_unsignalled: false,
                     rx_force_signal: false,
                     rx_vring: None,
+                    tx_vring: None,
                 }))
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
@@ -308,6 +322,7 @@ impl VhostUserBackend for NetBackend {
         };
         if worker.rx_vring.is_none() {
             worker.rx_vring = Some(rx.clone());
+            worker.tx_vring = Some(tx.clone());
         }
         let Some(memory) = self.shared.memory() else {
             return Ok(());
@@ -318,7 +333,7 @@ impl VhostUserBackend for NetBackend {
             worker.process_tx(&self.shared, &memory, tx);
         }
         // Every event: reap, fill the guest's RX chains, keep reads armed, tell the guest.
-        worker.reap(&self.shared, tx);
+        worker.reap(&self.shared);
         worker.deliver_rx(&self.shared, &memory, rx);
         worker.arm_rx();
         worker.submit();
@@ -356,10 +371,13 @@ impl PairWorker {
                         write_only: d.is_write_only(),
                     })
                     .collect();
-                if let Err(reason) = self.start_tx(shared, memory, head, &descs) {
+                let seq = self.tx_next_seq;
+                self.tx_next_seq += 1;
+                self.tx_order.push_back(TxSlot { head, done: false });
+                if let Err(reason) = self.start_tx(shared, memory, seq, &descs) {
                     shared.metrics.count_tx_drop(reason);
                     tracing::debug!(pair = self.pair, head, %reason, "dropped a TX chain");
-                    self.used_tx(tx, head);
+                    self.complete_tx(seq);
                 }
             }
             if !event_idx {
@@ -379,13 +397,14 @@ impl PairWorker {
             Ok(_) => shared.metrics.count_tx_submit(),
             Err(e) => tracing::error!(pair = self.pair, error = %e, "io_uring submit failed"),
         }
+        self.release_tx();
     }
 
     fn start_tx(
         &mut self,
         shared: &Shared,
         memory: &MemoryGuard,
-        head: u16,
+        seq: u64,
         descs: &[Desc],
     ) -> Result<(), DropReason> {
         let in_memory =
@@ -401,12 +420,10 @@ impl PairWorker {
         if iovecs.len() > libc::UIO_MAXIOV as usize {
             return Err(DropReason::BadChain);
         }
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1);
+        let tag = seq;
         self.tx_in_flight.insert(
             tag,
             InFlightTx {
-                head,
                 frame_len,
                 _memory: memory.clone(),
             },
@@ -422,15 +439,37 @@ impl PairWorker {
         Ok(())
     }
 
-    fn used_tx(&mut self, tx: &VringRwLock, head: u16) {
-        // virtio 1.2 §5.1.6.2: TX buffers are returned with length 0 (nothing written).
-        if let Err(e) = tx.add_used(head, 0) {
-            tracing::warn!(pair = self.pair, head, error = ?e, "cannot return a TX chain");
+    /// Marks TX chain `seq` finished; [`Self::release_tx`] publishes it in order.
+    fn complete_tx(&mut self, seq: u64) {
+        let Some(i) = seq.checked_sub(self.tx_front_seq) else {
+            return;
+        };
+        if let Some(slot) = self.tx_order.get_mut(i as usize) {
+            slot.done = true;
         }
-        self.tx_unsignalled = true;
     }
 
-    fn reap(&mut self, shared: &Shared, tx: &VringRwLock) {
+    /// Returns finished TX chains to the used ring, oldest first, up to the first unfinished.
+    fn release_tx(&mut self) {
+        let Some(tx) = self.tx_vring.clone() else {
+            return;
+        };
+        while self.tx_order.front().is_some_and(|s| s.done) {
+            let Some(slot) = self.tx_order.pop_front() else {
+                break;
+            };
+            self.tx_front_seq += 1;
+            // virtio 1.2 §5.1.6.2: TX buffers are returned with length 0 (nothing written).
+            if let Err(e) = tx.add_used(slot.head, 0) {
+                tracing::warn!(pair = self.pair, head = slot.head, error = ?e, "cannot return a TX chain");
+            }
+            self.tx_unsignalled = true;
+        }
+    }
+
+    /// Takes every completion: TX writes are counted and their chains released in order, RX
+    /// reads become frames waiting for guest chains.
+    fn reap(&mut self, shared: &Shared) {
         let mut done = Vec::new();
         let pending = &mut self.pending;
         self.ring.reap(|c| match c {
@@ -446,8 +485,8 @@ impl PairWorker {
                 }
             }
         });
-        for (tag, result) in done {
-            let Some(op) = self.tx_in_flight.remove(&tag) else {
+        for (seq, result) in done {
+            let Some(op) = self.tx_in_flight.remove(&seq) else {
                 continue;
             };
             if result < 0 {
@@ -456,37 +495,27 @@ impl PairWorker {
             } else {
                 shared.metrics.count_tx(op.frame_len);
             }
-            self.used_tx(tx, op.head);
+            self.complete_tx(seq);
         }
+        self.release_tx();
     }
 
+    /// GET_VRING_BASE on TX: waits for every write and returns every chain, so the base the
+    /// frontend reads covers exactly the chains it got back.
     fn drain_tx(&mut self, shared: &Shared) {
-        // The ring is stopped, not gone: return chains to it directly.
         while !self.tx_in_flight.is_empty() {
             if let Err(e) = self.ring.submit_and_wait_one() {
                 tracing::error!(pair = self.pair, error = %e, "cannot drain TX writes");
                 return;
             }
-            let mut done = Vec::new();
-            let pending = &mut self.pending;
-            self.ring.reap(|c| match c {
-                Completion::Tx { tag, result } => done.push((tag, result)),
-                Completion::Rx { buffer, result } if result >= VNET_HDR_LEN as i32 => pending
-                    .push_back(PendingFrame {
-                        buffer,
-                        len: result as usize,
-                    }),
-                Completion::Rx { .. } => {}
-            });
-            for (tag, result) in done {
-                if let Some(op) = self.tx_in_flight.remove(&tag) {
-                    if result < 0 {
-                        shared.metrics.count_tx_drop(DropReason::TapError);
-                    } else {
-                        shared.metrics.count_tx(op.frame_len);
-                    }
-                }
-            }
+            self.reap(shared);
+        }
+        self.release_tx();
+        if std::mem::take(&mut self.tx_unsignalled)
+            && let Some(tx) = &self.tx_vring
+            && let Err(e) = tx.signal_used_queue()
+        {
+            tracing::warn!(pair = self.pair, error = %e, "cannot signal the guest");
         }
     }
 

@@ -448,3 +448,38 @@ fn tx_frames_in_indirect_descriptor_tables_reach_the_tap() {
     assert_eq!(wire.receive(1, TIMEOUT), vec![f]);
     guest.wait_tx(0, 1);
 }
+
+#[test]
+fn tx_chains_are_returned_in_the_order_the_guest_made_them_available() {
+    let dir = ScratchDir::new("net-order").unwrap();
+    let tap = NsTap::create(false);
+    let wire = tap.socket();
+    let backend = start_backend(&dir, &tap, &[]);
+    let mut guest = NetDriver::connect(backend.socket(), 1, default_features(false));
+    let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(1200 + i, 200)).collect();
+    let mut heads = Vec::new();
+    for f in &frames {
+        let at = guest.mem.alloc((VNET_HDR + f.len()) as u64, 8).unwrap();
+        let mut bytes = vec![0u8; VNET_HDR];
+        bytes.extend(f);
+        guest.mem.write(at, &bytes).unwrap();
+        let q = &mut guest.queues[1];
+        heads.push(
+            q.add_chain(&guest.mem, &[Buffer::readable(at, bytes.len() as u32)])
+                .unwrap(),
+        );
+    }
+    // A chain dropped at once, behind five the kernel is still writing.
+    let short = guest.mem.alloc(8, 8).unwrap();
+    let q = &mut guest.queues[1];
+    heads.push(q.add_raw_chain(&guest.mem, &[(short.0, 8, 0)]).unwrap());
+    q.publish(&guest.mem).unwrap();
+    q.kick().unwrap();
+    let used: Vec<u16> = guest.wait_tx(0, 6).iter().map(|u| u.head).collect();
+    assert_eq!(used, heads, "used ring in avail order");
+    assert_eq!(wire.receive(5, TIMEOUT), frames);
+    assert_eq!(
+        metrics(&backend).tx_dropped_for(DropReason::HeaderTooShort),
+        1
+    );
+}
