@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 pub const VMM_ENV: &str = "FERROVIRT_VMM";
 /// Overrides the vhost-user-blk backend binary.
 pub const VHOST_BLK_ENV: &str = "FERROVIRT_VHOST_BLK";
+/// Overrides the vhost-user-net backend binary.
+pub const VHOST_NET_ENV: &str = "FERROVIRT_VHOST_NET";
 /// The environment variable that names a prebuilt test guest ELF and skips building it.
 pub const TESTGUEST_ENV: &str = "FERROVIRT_TESTGUEST";
 
@@ -93,6 +95,18 @@ pub fn vhost_blk_binary() -> PathBuf {
     try_vhost_blk_binary().unwrap_or_else(|e| panic!("ferrovirt-vhost-blk unavailable: {e}"))
 }
 
+/// Returns the vhost-user-net backend: `$FERROVIRT_VHOST_NET` if set, else a release build made
+/// once per process.
+pub fn try_vhost_net_binary() -> Result<PathBuf, ArtifactError> {
+    static NET: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    NET.get_or_init(build_vhost_net).clone()
+}
+
+/// Like [`try_vhost_net_binary`]; panics with the reason.
+pub fn vhost_net_binary() -> PathBuf {
+    try_vhost_net_binary().unwrap_or_else(|e| panic!("ferrovirt-vhost-net unavailable: {e}"))
+}
+
 fn build_testguest() -> Result<PathBuf, ArtifactError> {
     if let Some(path) = override_path(TESTGUEST_ENV)? {
         return Ok(path);
@@ -152,6 +166,15 @@ fn build_vhost_blk() -> Result<PathBuf, ArtifactError> {
         "ferrovirt-vhost-blk",
         "ferrovirt-vhost-blk",
         "vhost-blk",
+    )
+}
+
+fn build_vhost_net() -> Result<PathBuf, ArtifactError> {
+    build_release_binary(
+        VHOST_NET_ENV,
+        "ferrovirt-vhost-net",
+        "ferrovirt-vhost-net",
+        "vhost-net",
     )
 }
 

@@ -12,15 +12,18 @@ pub mod process;
 pub mod qemu_net;
 pub mod storage_daemon;
 pub mod vhost_blk;
+pub mod vhost_net;
+pub mod vhost_user_frontend;
 pub mod vmm;
 
 pub use artifacts::{
-    repo_root, testguest, try_testguest, try_vhost_blk_binary, try_vmm_binary, vhost_blk_binary,
-    vmm_binary,
+    repo_root, testguest, try_testguest, try_vhost_blk_binary, try_vhost_net_binary,
+    try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
 pub use storage_daemon::StorageDaemon;
 pub use vhost_blk::VhostBlkBackend;
+pub use vhost_net::VhostNetBackend;
 pub use vmm::{VmmBuilder, VmmError, VmmProcess};
