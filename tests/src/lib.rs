@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod names;
 pub mod process;
 pub mod storage_daemon;
+pub mod testpmd;
 pub mod vhost_blk;
 pub mod vmm;
 
@@ -21,5 +22,6 @@ pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
 pub use storage_daemon::StorageDaemon;
+pub use testpmd::{PacketSocket, Testpmd};
 pub use vhost_blk::VhostBlkBackend;
 pub use vmm::{VmmBuilder, VmmError, VmmProcess};

@@ -138,7 +138,7 @@ impl ControlQueue {
                 let head = chain.head_index();
                 let written = self.answer(chain, mem);
                 if let Err(e) = self.queue.add_used(mem, head, written) {
-                    NetMetrics::add(&self.metrics.control_errors, 1);
+                    // A head outside the table: already counted as a chain without an ack.
                     tracing::debug!(head, "cannot return a control queue buffer: {e}");
                     continue;
                 }
@@ -193,14 +193,15 @@ impl ControlQueue {
             malformed |= ack.is_some();
             let len = desc.len() as usize;
             let start = command.len();
-            if len > MAX_COMMAND_BYTES - start {
+            // Once malformed, the rest of the chain is walked only to find the ack byte
+            // (the walk is bounded by the queue size).
+            if malformed || len > MAX_COMMAND_BYTES - start {
                 malformed = true;
-                break;
+                continue;
             }
             command.resize(start + len, 0);
             if mem.read_slice(&mut command[start..], desc.addr()).is_err() {
                 malformed = true;
-                break;
             }
         }
         let Some(ack) = ack else {
