@@ -10,9 +10,10 @@ set -euo pipefail
 #   iproute2         `ip` for the harness's netns/TAP guards
 #   acpica-tools     iasl, which checks the ACPI tables the VMM writes
 #   fio              the host io_uring limit in the blk benchmark
+#   dpdk             dpdk-testpmd, the vhost-user-net peer of the net tests (vhost PMD <-> TAP)
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio dpdk)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
