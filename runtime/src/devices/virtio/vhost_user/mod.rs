@@ -62,6 +62,12 @@ pub trait BackendHooks: Send + Sync + 'static {
     fn before_mem_table(&self, _connection: &mut Connection) -> Result<(), VhostUserError> {
         Ok(())
     }
+    /// Before a reconnected backend takes the rings over: where each ring restarts. The
+    /// default rewinds to the used index, so buffers the dead backend took but never
+    /// returned are taken again (a device with an inflight region may do better).
+    fn restore_after_crash(&self, rings: &mut Rings) {
+        rings.rewind_to_used();
+    }
     /// A reset released the rings: drop state tied to them.
     fn rings_released(&self) {}
 }

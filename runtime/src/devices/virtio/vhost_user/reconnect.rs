@@ -148,7 +148,7 @@ fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
         }
         let mut session = shared.lock();
         if let Some(rings) = session.rings.as_mut() {
-            rings.rewind_to_used();
+            shared.hooks.restore_after_crash(rings);
             if let Err(e) = shared.start(&mut connection, rings) {
                 VhostUserMetrics::add(&shared.metrics.backend_errors, 1);
                 tracing::warn!("the reconnected {kind} backend refused the rings: {e}");
