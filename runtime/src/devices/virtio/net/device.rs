@@ -3,8 +3,8 @@
 //! hands the data rings (rx0, tx0, rx1, tx1, ...) to the backend.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -21,7 +21,7 @@ use super::{MAX_QUEUE_PAIRS, NetError, NetMetrics, QUEUE_SIZE};
 use crate::devices::virtio::vhost_user::{
     BackendHooks, Connection, FrontendSpec, Ring, Rings, VhostUserError, VhostUserFrontend,
 };
-use crate::devices::virtio::{Activation, TYPE_NET, VirtioDevice, VirtioError};
+use crate::devices::virtio::{Activation, TYPE_NET, VirtioDevice, VirtioError, VirtioInterrupt};
 
 /// struct virtio_net_config up to `mtu` (virtio 1.2 §5.1.4): mac[6], status,
 /// max_virtqueue_pairs, mtu. Speed, duplex and RSS fields follow; their features are not
@@ -77,12 +77,23 @@ fn spec() -> FrontendSpec {
     }
 }
 
-/// The device-specific checks of every (re)connected backend.
+/// The device-specific checks of every (re)connected backend, and the link status that
+/// follows the connection.
 struct NetHooks {
     queue_pairs: u16,
     /// The backend features the guest was offered, fixed at the first connection; a
     /// replacement backend must offer them all.
     promised: OnceLock<u64>,
+    /// The config space `status` field: VIRTIO_NET_S_LINK_UP while a backend is connected.
+    status: AtomicU16,
+    /// The running driver's interrupts, for the configuration change notification.
+    interrupt: Mutex<Option<Arc<VirtioInterrupt>>>,
+}
+
+impl NetHooks {
+    fn set_interrupt(&self, interrupt: Option<Arc<VirtioInterrupt>>) {
+        *self.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = interrupt;
+    }
 }
 
 impl BackendHooks for NetHooks {
@@ -122,11 +133,27 @@ impl BackendHooks for NetHooks {
     fn backend_features(&self, connection: &Connection, driver_features: u64) -> u64 {
         driver_features & connection.features() & BACKEND_FEATURES
     }
+
+    /// As QEMU does for vhost-user-net: no backend, no link (virtio 1.2 §5.1.4.2: the
+    /// device tells the driver of a status change with a configuration change interrupt).
+    fn connection_changed(&self, connected: bool) {
+        let status = if connected { LINK_UP } else { 0 };
+        self.status.store(status, Ordering::Release);
+        let interrupt = self.interrupt.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(interrupt) = interrupt.as_ref()
+            && let Err(e) = interrupt.signal_config_change()
+        {
+            tracing::warn!("cannot tell the driver the link changed: {e}");
+        }
+    }
 }
+
+const LINK_UP: u16 = VIRTIO_NET_S_LINK_UP as u16;
 
 /// A virtio-net device served by the vhost-user-net backend behind a socket.
 pub struct VhostUserNet {
     frontend: VhostUserFrontend,
+    hooks: Arc<NetHooks>,
     params: NetParams,
     queue_sizes: Vec<u16>,
     features: u64,
@@ -145,6 +172,8 @@ impl VhostUserNet {
         let hooks = Arc::new(NetHooks {
             queue_pairs: params.queue_pairs,
             promised: OnceLock::new(),
+            status: AtomicU16::new(LINK_UP),
+            interrupt: Mutex::new(None),
         });
         let metrics = Arc::new(NetMetrics::default());
         let frontend =
@@ -166,8 +195,6 @@ impl VhostUserNet {
         }
         let mut config = [0u8; CONFIG_SIZE];
         config[..6].copy_from_slice(&params.mac);
-        config[CONFIG_STATUS..CONFIG_STATUS + 2]
-            .copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[CONFIG_MAX_PAIRS..CONFIG_MAX_PAIRS + 2]
             .copy_from_slice(&params.queue_pairs.to_le_bytes());
         config[CONFIG_MTU..CONFIG_MTU + 2]
@@ -182,6 +209,7 @@ impl VhostUserNet {
         );
         Ok(VhostUserNet {
             frontend,
+            hooks,
             params,
             queue_sizes,
             features,
@@ -233,6 +261,7 @@ impl VhostUserNet {
             let index = queue.index;
             rings.push(Ring::from_queue(queue, index, &interrupt, enabled)?);
         }
+        self.hooks.set_interrupt(Some(interrupt.clone()));
         self.frontend.activate(Rings {
             mem: mem.clone(),
             features,
@@ -277,8 +306,11 @@ impl VirtioDevice for VhostUserNet {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // The transport keeps offset + len within config_size.
+        let mut config = self.config;
+        config[CONFIG_STATUS..CONFIG_STATUS + 2]
+            .copy_from_slice(&self.hooks.status.load(Ordering::Acquire).to_le_bytes());
         let start = offset as usize;
-        match self.config.get(start..start + data.len()) {
+        match config.get(start..start + data.len()) {
             Some(bytes) => data.copy_from_slice(bytes),
             None => data.fill(0),
         }
@@ -308,6 +340,7 @@ impl VirtioDevice for VhostUserNet {
     fn reset(&mut self) {
         // The control queue first: it must not switch rings the frontend is taking back.
         self.control = None;
+        self.hooks.set_interrupt(None);
         self.frontend.reset();
         self.metrics.active_queue_pairs.store(0, Ordering::Relaxed);
     }

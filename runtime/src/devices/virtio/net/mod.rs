@@ -4,8 +4,9 @@
 //! the data queues only (rx0, tx0, rx1, tx1, ...), shares guest memory and moves frames
 //! through the rings with the queues' ioeventfds and irqfds. Frames never pass through the
 //! VMM. Feature bits: what the backend offers of the data-path set, plus MAC, STATUS,
-//! CTRL_VQ, MQ and MTU from the VMM. If the backend dies, the shared vhost-user monitor
-//! reconnects and restores the rings.
+//! CTRL_VQ, MQ and MTU from the VMM. If the backend dies, the link goes down (status, with
+//! a configuration change interrupt) while the shared vhost-user monitor reconnects and
+//! restores the rings; then it comes back up.
 
 mod control;
 mod device;
@@ -67,6 +68,10 @@ mod tests {
     /// Frame buffers: buffer n at BUFFERS + n * 4 KiB.
     const BUFFERS: u64 = 0x20_0000;
     const RX_APIC_VECTOR: u8 = 0x61;
+    const CONFIG_APIC_VECTOR: u8 = 0x62;
+    /// The device configuration region in BAR 0, and `status` in it.
+    const DEVICE_CONFIG: u64 = 0x2000;
+    const LINK_STATUS: u64 = DEVICE_CONFIG + 6;
     const ALL_OK: u8 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
     /// struct virtio_net_hdr_v1 (virtio 1.2 §5.1.6): what precedes every frame.
     const NET_HDR: usize = 12;
@@ -168,15 +173,18 @@ mod tests {
     }
 
     /// Negotiates `features`, sets up `queues` queues of 16 entries (queue i on MSI-X
-    /// vector i + 1; the first rx queue's vector routed) and sets DRIVER_OK.
+    /// vector i + 1; configuration changes on vector 0; those and the first rx queue's
+    /// vector routed) and sets DRIVER_OK.
     fn start<'a>(
         d: &TestDriver,
         guest: &'a crate::memory::GuestMemoryMmap,
         features: u64,
         queues: u16,
     ) -> Vec<DriverQueue<'a>> {
+        d.route_vector(0, CONFIG_APIC_VECTOR);
         d.route_vector(1, RX_APIC_VECTOR);
         assert!(d.negotiate(features), "features {features:#x} refused");
+        d.write(CONFIG_MSIX_VECTOR, 2, 0);
         let rings: Vec<_> = (0..queues)
             .map(|i| DriverQueue::new(guest, RINGS + u64::from(i) * 0x4000, 16))
             .collect();
@@ -577,14 +585,23 @@ mod tests {
         );
         drop(tap);
 
+        assert_eq!(d.read(LINK_STATUS, 2), 1, "LINK_UP");
+        assert!(!d.vm.lapic_irr_has(CONFIG_APIC_VECTOR));
+
         backend.pmd.take().unwrap().crash().unwrap();
         wait_until("hang-up noticed", || {
             connection_count(&metrics.connection.disconnects) == 1
         });
+        assert_eq!(d.read(LINK_STATUS, 2), 0, "no backend, no link");
+        assert!(
+            d.vm.wait_lapic_irr(CONFIG_APIC_VECTOR),
+            "the driver hears of the link change"
+        );
         backend.restart(1);
         wait_until("reconnected", || {
             connection_count(&metrics.connection.reconnects) == 1
         });
+        assert_eq!(d.read(LINK_STATUS, 2), 1, "link up again");
         // A new testpmd has a new TAP.
         let tap = backend.tap();
         let second = frame([0xff; 6], MAC, b"after-restart");

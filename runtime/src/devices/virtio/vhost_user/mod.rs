@@ -70,6 +70,9 @@ pub trait BackendHooks: Send + Sync + 'static {
     }
     /// A reset released the rings: drop state tied to them.
     fn rings_released(&self) {}
+    /// The backend hung up (`false`), or a new one is connected and runs the rings
+    /// (`true`); virtio-net reports it as its link status.
+    fn connection_changed(&self, _connected: bool) {}
 }
 
 #[derive(Debug, thiserror::Error)]

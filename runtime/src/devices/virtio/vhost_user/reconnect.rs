@@ -111,6 +111,7 @@ fn watch(shared: &Shared, stop: &EventFd) {
                 Woken::HangUp => {
                     shared.lock().connection = None;
                     VhostUserMetrics::add(&shared.metrics.disconnects, 1);
+                    shared.hooks.connection_changed(false);
                     tracing::warn!(
                         socket = %shared.socket.display(),
                         "{kind} backend hung up; reconnecting"
@@ -156,7 +157,9 @@ fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
             }
         }
         session.connection = Some(connection);
+        drop(session);
         VhostUserMetrics::add(&shared.metrics.reconnects, 1);
+        shared.hooks.connection_changed(true);
         tracing::info!(socket = %shared.socket.display(), "{kind} backend reconnected");
         return true;
     }
