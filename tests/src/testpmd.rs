@@ -315,3 +315,32 @@ pub fn quiet_netns(netns: &NetNs) {
         let _ = ip(&["netns", "exec", netns.name(), "sysctl", "-qw", &setting]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::ScratchDir;
+
+    #[test]
+    fn testpmd_serves_its_socket_and_leaves_nothing_behind() {
+        let netns = NetNs::create("pmdt").unwrap();
+        let dir = ScratchDir::new("testpmd").unwrap();
+        let socket = dir.join("vhost.sock");
+        // A stale file from an earlier run does not stop it.
+        std::fs::write(&socket, b"stale").unwrap();
+        let pmd = Testpmd::start(&netns, &socket, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert!(socket_listening_in(pmd.pid(), &socket));
+        let tap = pmd.tap().to_owned();
+        assert!(
+            !Path::new("/sys/class/net").join(&tap).exists(),
+            "the TAP is in the test namespace, not ours"
+        );
+        let packets = pmd.packet_socket().unwrap();
+        drop(packets);
+        let (pid, run_dir) = (pmd.pid(), Path::new(DPDK_RUN_DIR).join(&pmd.file_prefix));
+        drop(pmd);
+        // SAFETY: signal 0 only checks whether the pid exists.
+        assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "testpmd still runs");
+        assert!(!run_dir.exists(), "{run_dir:?} left behind");
+    }
+}
