@@ -57,6 +57,19 @@ pub(super) const VMM_FEATURES: u64 = 1 << VIRTIO_NET_F_MAC
 const BACKEND_FEATURES: u64 =
     BACKEND_GUEST_FEATURES | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MQ;
 
+/// Drops offloads whose prerequisite is missing (virtio 1.2 §5.1.3.1: the TSO features
+/// need the matching checksum feature), so a careless backend cannot make the offer
+/// invalid.
+fn consistent_offloads(mut features: u64) -> u64 {
+    if features & 1 << VIRTIO_NET_F_GUEST_CSUM == 0 {
+        features &= !(1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6);
+    }
+    if features & 1 << VIRTIO_NET_F_CSUM == 0 {
+        features &= !(1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6);
+    }
+    features
+}
+
 /// The device as the user configured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetParams {
@@ -181,7 +194,7 @@ impl VhostUserNet {
         let backend = frontend
             .with_connection(|c| c.features())
             .ok_or_else(|| NetError::Gone(frontend.socket().to_owned()))?;
-        let from_backend = backend & BACKEND_GUEST_FEATURES;
+        let from_backend = consistent_offloads(backend & BACKEND_GUEST_FEATURES);
         let _ = hooks.promised.set(from_backend);
         let mut features = from_backend
             | 1 << VIRTIO_NET_F_MAC
@@ -343,5 +356,28 @@ impl VirtioDevice for VhostUserNet {
         self.hooks.set_interrupt(None);
         self.frontend.reset();
         self.metrics.active_queue_pairs.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tso_without_checksum_offload_is_not_offered() {
+        let tso = 1 << VIRTIO_NET_F_GUEST_TSO4
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_HOST_TSO4
+            | 1 << VIRTIO_NET_F_HOST_TSO6;
+        assert_eq!(
+            consistent_offloads(tso | 1 << VIRTIO_NET_F_MRG_RXBUF),
+            1 << VIRTIO_NET_F_MRG_RXBUF
+        );
+        let csum = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        assert_eq!(consistent_offloads(tso | csum), tso | csum);
+        assert_eq!(
+            consistent_offloads(tso | 1 << VIRTIO_NET_F_CSUM),
+            1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6
+        );
     }
 }
