@@ -59,6 +59,17 @@ impl Testpmd {
     /// vhost-user on `socket` (a stale file there is removed first), and waits until the
     /// socket listens and the TAP is up. Its output goes to `<socket>.out` / `.err`.
     pub fn start(netns: &NetNs, socket: &Path, queue_pairs: u16) -> Result<Testpmd, TestpmdError> {
+        Testpmd::start_with(netns, socket, queue_pairs, &[])
+    }
+
+    /// Like [`Testpmd::start`], with more testpmd application flags after the defaults
+    /// (a later `--forward-mode=macswap` or `--txd=1024` overrides them), for benchmarks.
+    pub fn start_with(
+        netns: &NetNs,
+        socket: &Path,
+        queue_pairs: u16,
+        extra: &[&str],
+    ) -> Result<Testpmd, TestpmdError> {
         let _ = std::fs::remove_file(socket);
         quiet_netns(netns);
         let tap = unique_name("pmd");
@@ -85,7 +96,8 @@ impl Testpmd {
             .arg(format!("--txq={queue_pairs}"))
             // Without a terminal testpmd exits at "Press enter to exit" (stdin is
             // /dev/null); a stats period keeps it in its loop until SIGTERM.
-            .arg("--stats-period=86400");
+            .arg("--stats-period=86400")
+            .args(extra);
         let process = GuardedProcess::spawn(
             cmd,
             &socket.with_extension("out"),
