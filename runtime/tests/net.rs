@@ -202,3 +202,21 @@ fn out_of_range_queue_pairs_and_mtu_are_refused_before_connecting() {
         assert!(!err.contains("cannot connect"), "{option}: {err}");
     }
 }
+
+#[test]
+fn a_backend_with_too_few_queues_for_the_pairs_fails_the_start_with_exit_1() {
+    let b = backend("net-toofew");
+    let args = [
+        "--kernel".to_string(),
+        testguest().display().to_string(),
+        "--net".into(),
+        format!("socket={},queues=127", b.socket.display()),
+    ];
+    let mut vmm = VmmProcess::spawn("net-toofew", &args).unwrap();
+    let status = vmm.wait_timeout(TIMEOUT).unwrap();
+    let err = vmm.stderr_output();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot set up net 0"), "{err}");
+    assert!(err.contains("the device needs 254"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
