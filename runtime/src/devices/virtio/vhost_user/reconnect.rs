@@ -131,6 +131,9 @@ fn watch(shared: &Shared, stop: &EventFd) {
 fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
     let kind = shared.spec.kind;
     let retry = PollTimeout::try_from(RETRY_INTERVAL).unwrap_or(PollTimeout::MAX);
+    // A backend that does not fit is refused every RETRY_INTERVAL until it is replaced;
+    // it is counted and logged once per outage, not ten times a second.
+    let mut refused = false;
     loop {
         if let Woken::Stop = wait(stop, None, retry) {
             return false;
@@ -143,8 +146,11 @@ fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
             }
         };
         if let Err(e) = shared.hooks.check(&connection) {
-            VhostUserMetrics::add(&shared.metrics.backend_errors, 1);
-            tracing::warn!("refusing the new {kind} backend: {e}");
+            if !refused {
+                VhostUserMetrics::add(&shared.metrics.backend_errors, 1);
+                tracing::warn!("refusing the new {kind} backend: {e}");
+            }
+            refused = true;
             continue;
         }
         let mut session = shared.lock();
