@@ -437,13 +437,25 @@ mod tests {
         let guest = d.guest();
         let features = VERSION_1 | 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_NET_F_MQ;
         let queues = start(&d, &guest, features, 5);
-        let ctrl = &queues[4];
+        let (ctrl, tx1) = (&queues[4], &queues[3]);
         assert_eq!(
             count(&metrics.active_queue_pairs),
             1,
             "pair 0 alone at first"
         );
         let (ok, err) = (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8);
+
+        // The backend leaves pair 1 alone until the driver asks for it.
+        let tap = backend.tap();
+        let early = frame([0xff; 6], MAC, b"on-tx1");
+        transmit(&d, tx1, 0, &early);
+        kick(&d, 3);
+        let seen = |f: &[u8]| f == early.as_slice();
+        assert!(
+            tap.receive_matching(Duration::from_millis(500), seen)
+                .is_none(),
+            "a disabled ring was served"
+        );
 
         let cases: &[(u32, u32, &[u8], u8)] = &[
             (
@@ -480,6 +492,12 @@ mod tests {
             assert_eq!(ack(&d, ctrl, n + 1, n), *want, "command {n}");
             if n == 0 {
                 assert_eq!(count(&metrics.active_queue_pairs), 2);
+                assert!(
+                    tap.receive_matching(Duration::from_secs(10), seen)
+                        .is_some(),
+                    "the backend serves tx1 once enabled:\n{}",
+                    backend.log()
+                );
             }
         }
         assert_eq!(
@@ -502,6 +520,14 @@ mod tests {
         kick(&d, 4);
         assert_eq!(ack(&d, ctrl, 7, 0), ok);
         assert_eq!(count(&metrics.active_queue_pairs), 1);
+        let late = frame([0xff; 6], MAC, b"tx1-after-disable");
+        transmit(&d, tx1, 1, &late);
+        kick(&d, 3);
+        assert!(
+            tap.receive_matching(Duration::from_millis(500), |f| f == late.as_slice())
+                .is_none(),
+            "a ring switched off was still served"
+        );
         assert_eq!(connection_count(&metrics.connection.backend_errors), 0);
     }
 
