@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use ferrovirt_runtime::config::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
+    VmConfig,
 };
 use ferrovirt_runtime::vmm::{self, VmmOptions, exit_status};
 
@@ -57,9 +58,15 @@ struct Args {
     /// (ferrovirt-vhost-blk, qemu-storage-daemon). Repeat for more disks.
     #[arg(long, value_name = "socket=PATH", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// Add a virtio-net interface served by the vhost-user-net backend listening on
+    /// socket=PATH (DPDK vhost PMD, a vhost-user switch). mac=MAC [default: derived from the
+    /// socket path, locally administered], queues=N receive/transmit queue pairs [default:
+    /// 1], mtu=M told to the guest. Repeat for more interfaces.
+    #[arg(long, value_name = "socket=PATH[,mac=MAC][,queues=N][,mtu=M]", value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// Read the whole VM description from a JSON file (see the OpenAPI VmConfig schema);
     /// other VM flags are then refused.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "rng", "disk"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initramfs", "cmdline", "rng", "disk", "net"])]
     config: Option<PathBuf>,
     /// Serve the REST API on this UNIX socket. Without a kernel, the VMM waits for
     /// PUT /api/v1/vm.create and vm.boot.
@@ -101,6 +108,40 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     }
 }
 
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    const USAGE: &str = "use --net socket=PATH[,mac=MAC][,queues=N][,mtu=M]";
+    let mut net = NetConfig {
+        socket: Default::default(),
+        mac: None,
+        queue_pairs: 1,
+        mtu: None,
+    };
+    for option in s.split(',') {
+        match option.split_once('=') {
+            Some(("socket", p)) if !p.is_empty() => net.socket = p.into(),
+            Some(("mac", m)) => net.mac = Some(m.parse().map_err(|e| format!("{e}; {USAGE}"))?),
+            Some(("queues", n)) => {
+                net.queue_pairs = n
+                    .parse()
+                    .map_err(|_| format!("queues={n:?} is not a number of queue pairs; {USAGE}"))?
+            }
+            Some(("mtu", m)) => {
+                net.mtu = Some(
+                    m.parse()
+                        .map_err(|_| format!("mtu={m:?} is not an MTU in bytes; {USAGE}"))?,
+                )
+            }
+            _ => return Err(format!("{option:?} is not a net option; {USAGE}")),
+        }
+    }
+    if net.socket.as_os_str().is_empty() {
+        return Err(format!(
+            "{s:?} has no socket (the vhost-user-net backend's); {USAGE}"
+        ));
+    }
+    Ok(net)
+}
+
 impl Args {
     fn vm_config(&self) -> anyhow::Result<Option<VmConfig>> {
         if let Some(path) = &self.config {
@@ -125,6 +166,7 @@ impl Args {
             serial: self.serial.clone(),
             rng: self.rng.clone(),
             disks: self.disk.clone(),
+            nets: self.net.clone(),
         }))
     }
 }

@@ -24,6 +24,7 @@ use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::block::{BlockError, BlockMetrics, VhostUserBlk};
+use crate::devices::virtio::net::{NetError, NetMetrics, NetParams, VhostUserNet};
 use crate::devices::virtio::rng::{Rng, RngError, RngMetrics};
 use crate::devices::virtio::{VirtioError, add_virtio_device};
 use crate::layout::{
@@ -75,6 +76,12 @@ pub enum VmmError {
         index: usize,
         #[source]
         source: BlockError,
+    },
+    #[error("cannot set up net {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: NetError,
     },
     #[error("cannot add a virtio device")]
     Virtio(#[from] VirtioError),
@@ -150,6 +157,7 @@ struct BuiltDevices {
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
     disk_metrics: Vec<Arc<BlockMetrics>>,
+    net_metrics: Vec<Arc<NetMetrics>>,
     pci: Arc<PciRoot>,
     router: Arc<InterruptRouter>,
 }
@@ -161,6 +169,7 @@ pub struct Vm {
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
     disk_metrics: Vec<Arc<BlockMetrics>>,
+    net_metrics: Vec<Arc<NetMetrics>>,
     _pci: Arc<PciRoot>,
     _router: Arc<InterruptRouter>,
     _vm_fd: Arc<VmFd>,
@@ -202,6 +211,7 @@ impl Vm {
             debugcon,
             rng_metrics,
             disk_metrics,
+            net_metrics,
             pci,
             router,
         } = devices;
@@ -218,6 +228,7 @@ impl Vm {
             debugcon,
             rng_metrics,
             disk_metrics,
+            net_metrics,
             _pci: pci,
             _router: router,
             _vm_fd: vm_fd,
@@ -276,6 +287,20 @@ impl Vm {
             let bdf = add_virtio_device(&pci, Box::new(device), &router, ram.memory.clone())?;
             tracing::debug!(%bdf, socket = %disk.socket.display(), sectors, "vhost-user-blk disk added");
         }
+        let mut net_metrics = Vec::with_capacity(config.nets.len());
+        for (index, net) in config.nets.iter().enumerate() {
+            let mac = net.mac_or_generated();
+            let params = NetParams {
+                mac: mac.0,
+                queue_pairs: net.queue_pairs,
+                mtu: net.mtu,
+            };
+            let device = VhostUserNet::new(&net.socket, params)
+                .map_err(|source| VmmError::Net { index, source })?;
+            net_metrics.push(device.metrics());
+            let bdf = add_virtio_device(&pci, Box::new(device), &router, ram.memory.clone())?;
+            tracing::debug!(%bdf, socket = %net.socket.display(), %mac, "vhost-user-net interface added");
+        }
 
         let mem = ram.memory.memory();
         let entry = boot::load_payload(&mem, ram.size, &config.payload, vcpu_count)?;
@@ -300,6 +325,7 @@ impl Vm {
             debugcon,
             rng_metrics,
             disk_metrics,
+            net_metrics,
             pci,
             router,
         };
@@ -351,6 +377,9 @@ impl Vm {
         }
         for (index, m) in self.disk_metrics.iter().enumerate() {
             all.insert(format!("disk{index}"), group(&m.snapshot()));
+        }
+        for (index, m) in self.net_metrics.iter().enumerate() {
+            all.insert(format!("net{index}"), group(&m.snapshot()));
         }
         all
     }
@@ -462,7 +491,8 @@ impl Vmm {
                         e @ (VmmError::Config(_)
                         | VmmError::Boot(_)
                         | VmmError::Vm(_)
-                        | VmmError::Disk { .. }),
+                        | VmmError::Disk { .. }
+                        | VmmError::Net { .. }),
                     ) => (Err(ApiError::bad_request_from(&e)), Next::Continue),
                     Err(e) => (Err(ApiError::internal_from(&e)), Next::Continue),
                 }

@@ -263,6 +263,12 @@ fn bad_vm_config_is_refused_with_the_parsers_message() {
     assert_eq!(reply.status, 400);
     assert!(reply.error().contains("needs a VmConfig"), "{reply:?}");
 
+    let multicast =
+        r#"{"payload":{"kernel":"/k"},"nets":[{"socket":"/s","mac":"01:00:5e:00:00:01"}]}"#;
+    let reply = call(sock, "PUT", "/vm.create", Some(multicast));
+    assert_eq!(reply.status, 400);
+    assert!(reply.error().contains("multicast"), "{reply:?}");
+
     // Nothing reached the VMM: a good config still creates the VM.
     assert_eq!(call(sock, "PUT", "/vm.create", Some(CONFIG)).status, 204);
 }
@@ -669,6 +675,12 @@ fn full_config() -> VmConfig {
         disks: vec![crate::config::DiskConfig {
             socket: "/run/ferrovirt/disk0.sock".into(),
         }],
+        nets: vec![crate::config::NetConfig {
+            socket: "/run/ferrovirt/net0.sock".into(),
+            mac: Some("52:54:00:12:34:56".parse().unwrap()),
+            queue_pairs: 2,
+            mtu: Some(9000),
+        }],
     }
 }
 
@@ -680,6 +692,14 @@ fn openapi_schemas_match_the_serialized_types() {
 
     let full = serde_json::to_value(full_config()).unwrap();
     check_schema(&spec, &schema("VmConfig"), &full, "VmConfig", true);
+    let bare_net = crate::config::NetConfig {
+        socket: "/run/n.sock".into(),
+        mac: None,
+        queue_pairs: 1,
+        mtu: None,
+    };
+    let bare_net = serde_json::to_value(bare_net).unwrap();
+    check_schema(&spec, &schema("NetConfig"), &bare_net, "NetConfig", true);
     let minimal = serde_json::to_value(VmConfig::default()).unwrap();
     check_schema(&spec, &schema("VmConfig"), &minimal, "VmConfig", false);
 

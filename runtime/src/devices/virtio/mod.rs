@@ -31,10 +31,12 @@
 //! (its event handling), `metrics.rs` (counters); persisted state comes with snapshots.
 
 pub mod block;
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
 mod testing;
+pub mod vhost_user;
 
 pub use pci::VirtioPciDevice;
 
