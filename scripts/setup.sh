@@ -12,11 +12,11 @@ set -euo pipefail
 #   fio              the host io_uring limit in the blk benchmark
 #   iputils-ping     `ping` from a test netns to the test guest's net-responder
 #   ethtool          the vhost-net tests read the TAP offloads the backend sets
-#   dpdk, dpdk-dev   dpdk-testpmd, the reference vhost-user-net backend (VMM frontend tests,
+#   dpdk-dev         dpdk-testpmd, the reference vhost-user-net backend (VMM frontend tests,
 #                    the frontend harness cross-check, the net benchmark's peer)
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk dpdk-dev)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
