@@ -69,6 +69,11 @@ impl VhostNetBackend {
         Ok(body)
     }
 
+    /// SIGTERM, as an operator stops it; returns how it ended.
+    pub fn stop(mut self) -> Result<crate::ProcessExit, ProcessError> {
+        self.process.terminate()
+    }
+
     /// SIGKILL, as a crash: no clean disconnect.
     pub fn crash(mut self) -> Result<(), ProcessError> {
         self.process.kill()?;

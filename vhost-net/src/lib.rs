@@ -29,4 +29,4 @@ pub mod uring;
 pub use config::{BackendConfig, Flags, TapSource};
 pub use frame::DropReason;
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use server::{ServeError, Server};
+pub use server::{ServeError, Server, TerminationSignals};

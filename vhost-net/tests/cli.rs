@@ -158,3 +158,20 @@ fn an_inherited_tap_fd_carries_traffic() {
     guest.send(0, &frames);
     assert_eq!(wire.receive(2, Duration::from_secs(10)), frames);
 }
+
+#[test]
+fn sigterm_ends_the_backend_and_removes_its_sockets() {
+    let s = ScratchDir::new("net-cli-term").unwrap();
+    let tap = NsTap::create(false);
+    let flags = tap.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let socket = s.join("net.sock");
+    let backend = VhostNetBackend::start_binary(BINARY.as_ref(), &socket, &flags)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let metrics = socket.with_extension("metrics");
+    assert!(socket.exists() && metrics.exists());
+    let exit = backend.stop().unwrap();
+    assert_eq!(exit.status.code(), Some(128 + libc::SIGTERM));
+    assert!(!socket.exists(), "the vhost-user socket is left behind");
+    assert!(!metrics.exists(), "the metrics socket is left behind");
+}
