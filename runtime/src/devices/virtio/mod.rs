@@ -33,6 +33,7 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod queue_worker;
 pub mod rng;
 #[cfg(test)]
 mod testing;

@@ -2,10 +2,7 @@
 //! §5.1.6.5). The backend only sees the data queues; VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
 //! becomes SET_VRING_ENABLE on its rings.
 
-use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
@@ -15,16 +12,13 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{NetError, NetMetrics};
+use super::NetMetrics;
 use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::queue_worker::QueueHandler;
 use crate::devices::virtio::vhost_user::{RingControl, VhostUserError};
 use crate::memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-const KICK_TOKEN: u64 = 0;
-const STOP_TOKEN: u64 = 1;
 /// The largest command read: a MAC table of a few hundred entries. Longer chains are
 /// refused before anything is allocated for them.
 const MAX_COMMAND_BYTES: usize = 8 << 10;
@@ -45,86 +39,9 @@ pub(super) struct ControlQueue {
     pub metrics: Arc<NetMetrics>,
 }
 
-/// The running control queue thread; dropping it stops and joins the thread.
-pub(super) struct ControlWorker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ControlWorker {
-    pub fn spawn(control: ControlQueue, kick: EventFd) -> Result<ControlWorker, NetError> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(NetError::ControlWorker)?;
-        let epoll = Epoll::new().map_err(NetError::ControlWorker)?;
-        for (fd, token) in [
-            (kick.as_raw_fd(), KICK_TOKEN),
-            (stop.as_raw_fd(), STOP_TOKEN),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(NetError::ControlWorker)?;
-        }
-        let thread_stop = stop.try_clone().map_err(NetError::ControlWorker)?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-net-ctrl".into())
-            .spawn(move || control.run(&epoll, &kick, &thread_stop))
-            .map_err(NetError::ControlWorker)?;
-        Ok(ControlWorker {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ControlWorker {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop.write(1) {
-            // Without the signal the join below would hang: leave the thread behind.
-            tracing::error!("cannot stop the virtio-net control queue thread: {e}");
-            return;
-        }
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the virtio-net control queue thread panicked");
-        }
-    }
-}
-
-impl ControlQueue {
-    fn run(mut self, epoll: &Epoll, kick: &EventFd, stop: &EventFd) {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net control queue cannot wait for events: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    STOP_TOKEN => {
-                        let _ = stop.read();
-                        return;
-                    }
-                    KICK_TOKEN => {
-                        // EAGAIN only if someone else drained it; the queue tells the truth.
-                        let _ = kick.read();
-                        self.process_queue();
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
+impl QueueHandler for ControlQueue {
     /// Answers every available command, then interrupts the driver if it wants that.
-    pub(super) fn process_queue(&mut self) {
+    fn process_queue(&mut self) {
         let guard = self.mem.memory();
         let mem: &GuestMemoryMmap = &guard;
         let mut used = 0u32;
@@ -167,7 +84,9 @@ impl ControlQueue {
             tracing::warn!("cannot interrupt the guest for the control queue: {e}");
         }
     }
+}
 
+impl ControlQueue {
     fn avail_index_is_sane(&self, mem: &GuestMemoryMmap) -> bool {
         self.queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)

@@ -16,8 +16,9 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::control::{ControlQueue, ControlWorker};
+use super::control::ControlQueue;
 use super::{MAX_QUEUE_PAIRS, NetError, NetMetrics, QUEUE_SIZE};
+use crate::devices::virtio::queue_worker::QueueWorker;
 use crate::devices::virtio::vhost_user::{
     BackendHooks, Connection, FrontendSpec, Ring, Rings, VhostUserError, VhostUserFrontend,
 };
@@ -172,7 +173,7 @@ pub struct VhostUserNet {
     features: u64,
     config: [u8; CONFIG_SIZE],
     metrics: Arc<NetMetrics>,
-    control: Option<ControlWorker>,
+    control: Option<QueueWorker>,
 }
 
 impl VhostUserNet {
@@ -294,7 +295,10 @@ impl VhostUserNet {
                 multiqueue: features & 1 << VIRTIO_NET_F_MQ != 0,
                 metrics: self.metrics.clone(),
             };
-            self.control = Some(ControlWorker::spawn(worker, queue.kick)?);
+            self.control = Some(
+                QueueWorker::spawn("virtio-net-ctrl", worker, queue.kick)
+                    .map_err(NetError::ControlWorker)?,
+            );
         }
         Ok(())
     }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::worker::{RequestHandler, Worker};
+use super::worker::RequestHandler;
 use super::{RngError, RngMetrics};
+use crate::devices::virtio::queue_worker::QueueWorker;
 use crate::devices::virtio::{Activation, TYPE_RNG, VirtioDevice, VirtioError};
 
 const QUEUE_SIZES: [u16; 1] = [256];
@@ -17,7 +18,7 @@ pub struct Rng {
     source_path: PathBuf,
     source: File,
     metrics: Arc<RngMetrics>,
-    worker: Option<Worker>,
+    worker: Option<QueueWorker>,
 }
 
 impl Rng {
@@ -65,7 +66,8 @@ impl Rng {
             source: self.source.try_clone().map_err(RngError::CloneSource)?,
             metrics: self.metrics.clone(),
         };
-        self.worker = Some(Worker::spawn(handler, queue.kick)?);
+        self.worker =
+            Some(QueueWorker::spawn("virtio-rng", handler, queue.kick).map_err(RngError::Worker)?);
         Ok(())
     }
 }

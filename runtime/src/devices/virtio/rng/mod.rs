@@ -20,12 +20,8 @@ pub enum RngError {
     },
     #[error("cannot duplicate the entropy source file descriptor for the worker")]
     CloneSource(#[source] std::io::Error),
-    #[error("cannot create the eventfd that stops the virtio-rng worker")]
-    EventFd(#[source] std::io::Error),
-    #[error("cannot set up epoll for the virtio-rng worker")]
-    Epoll(#[source] std::io::Error),
     #[error("cannot start the virtio-rng worker thread")]
-    Spawn(#[source] std::io::Error),
+    Worker(#[source] std::io::Error),
 }
 
 #[cfg(test)]

@@ -1,22 +1,18 @@
-//! Event handling of virtio-rng: a thread that waits for guest kicks and a stop signal.
+//! Event handling of virtio-rng: requests served on a [`QueueWorker`] thread.
+//!
+//! [`QueueWorker`]: crate::devices::virtio::queue_worker::QueueWorker
 
 use std::fs::File;
-use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{RngError, RngMetrics};
+use super::RngMetrics;
 use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::queue_worker::QueueHandler;
 use crate::memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-const KICK_TOKEN: u64 = 0;
-const STOP_TOKEN: u64 = 1;
 /// Bytes served per request at most. The device may fill less than offered (virtio 1.2
 /// §5.4.6.1); the cap keeps one huge chain from occupying the worker.
 const MAX_REQUEST_BYTES: u32 = 64 << 10;
@@ -31,84 +27,7 @@ pub(super) struct RequestHandler {
     pub metrics: Arc<RngMetrics>,
 }
 
-/// The running worker; dropping it stops and joins the thread.
-pub(super) struct Worker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    pub fn spawn(handler: RequestHandler, kick: EventFd) -> Result<Worker, RngError> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?;
-        let epoll = Epoll::new().map_err(RngError::Epoll)?;
-        for (fd, token) in [
-            (kick.as_raw_fd(), KICK_TOKEN),
-            (stop.as_raw_fd(), STOP_TOKEN),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(RngError::Epoll)?;
-        }
-        let thread_stop = stop.try_clone().map_err(RngError::EventFd)?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || handler.run(&epoll, &kick, &thread_stop))
-            .map_err(RngError::Spawn)?;
-        Ok(Worker {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop.write(1) {
-            // Without the signal the join below would hang: leave the thread behind.
-            tracing::error!("cannot stop the virtio-rng worker: {e}");
-            return;
-        }
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the virtio-rng worker panicked");
-        }
-    }
-}
-
-impl RequestHandler {
-    fn run(mut self, epoll: &Epoll, kick: &EventFd, stop: &EventFd) {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-rng worker cannot wait for events, stopping: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    STOP_TOKEN => {
-                        let _ = stop.read();
-                        return;
-                    }
-                    KICK_TOKEN => {
-                        // EAGAIN only if someone else drained it; the queue tells the truth.
-                        let _ = kick.read();
-                        self.process_queue();
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
+impl QueueHandler for RequestHandler {
     /// Answers every available request, then interrupts the driver if it wants that.
     fn process_queue(&mut self) {
         let guard = self.mem.memory();
@@ -160,7 +79,9 @@ impl RequestHandler {
             tracing::warn!("cannot interrupt the guest for virtio-rng: {e}");
         }
     }
+}
 
+impl RequestHandler {
     /// Whether the driver's avail index is at most a queue size ahead of ours.
     fn avail_index_is_sane(&self, mem: &GuestMemoryMmap) -> bool {
         self.queue
