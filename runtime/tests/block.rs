@@ -146,31 +146,6 @@ fn the_vmm_survives_a_backend_crash_and_reconnects_to_its_successor() {
 }
 
 #[test]
-fn a_disk_without_a_backend_names_the_socket_and_exits_1() {
-    let dir = ScratchDir::new("blk-nobackend").unwrap();
-    let socket = dir.join("nobody.sock");
-    let args = [
-        "--kernel".to_string(),
-        testguest().display().to_string(),
-        "--disk".into(),
-        format!("socket={}", socket.display()),
-    ];
-    let mut vmm = VmmProcess::spawn("blk-nobackend", &args).unwrap();
-    let status = vmm.wait_timeout(TIMEOUT).unwrap();
-    let err = vmm.stderr_output();
-    assert_eq!(status.code(), Some(1), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(
-        err.contains(&format!(
-            "cannot connect to vhost-user-blk socket {}; is the backend running?",
-            socket.display()
-        )),
-        "{err}"
-    );
-    assert!(err.contains("disk 0"), "{err}");
-}
-
-#[test]
 fn a_malformed_disk_flag_is_bad_usage() {
     for bad in ["path=/run/disk.sock", "socket=", "/run/disk.sock"] {
         let args = [

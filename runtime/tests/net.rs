@@ -123,31 +123,6 @@ fn nets_from_the_api_report_their_counters_across_a_backend_restart() {
 }
 
 #[test]
-fn a_net_without_a_backend_names_the_socket_and_exits_1() {
-    let dir = ScratchDir::new("net-nobackend").unwrap();
-    let socket = dir.join("nobody.sock");
-    let args = [
-        "--kernel".to_string(),
-        testguest().display().to_string(),
-        "--net".into(),
-        format!("socket={}", socket.display()),
-    ];
-    let mut vmm = VmmProcess::spawn("net-nobackend", &args).unwrap();
-    let status = vmm.wait_timeout(TIMEOUT).unwrap();
-    let err = vmm.stderr_output();
-    assert_eq!(status.code(), Some(1), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(
-        err.contains(&format!(
-            "cannot connect to vhost-user-net socket {}; is the backend running?",
-            socket.display()
-        )),
-        "{err}"
-    );
-    assert!(err.contains("net 0"), "{err}");
-}
-
-#[test]
 fn a_malformed_net_flag_is_bad_usage() {
     for (bad, why) in [
         ("mac=52:54:00:00:00:01", "has no socket"),
