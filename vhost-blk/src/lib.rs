@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod inflight;
 pub mod io;
 pub mod metrics;
 pub mod order;
