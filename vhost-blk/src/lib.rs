@@ -24,6 +24,7 @@ pub mod inflight;
 pub mod io;
 pub mod metrics;
 pub mod order;
+pub mod relay;
 pub mod request;
 pub mod server;
 
