@@ -440,7 +440,11 @@ impl QueueWorker {
         let (used_idx, size, desc_table) = {
             let state = vring.get_ref();
             let q = state.get_queue();
-            (q.used_idx(&*memory, Ordering::Acquire), q.size(), q.desc_table())
+            (
+                q.used_idx(&*memory, Ordering::Acquire),
+                q.size(),
+                q.desc_table(),
+            )
         };
         let used_idx = match used_idx {
             Ok(idx) => idx.0,
@@ -469,7 +473,13 @@ impl QueueWorker {
             }
             shared.metrics.count_resubmitted();
             let sequence = self.order.take();
-            match parse_request_at(&*memory, GuestAddress(desc_table), size, head, &shared.limits) {
+            match parse_request_at(
+                &*memory,
+                GuestAddress(desc_table),
+                size,
+                head,
+                &shared.limits,
+            ) {
                 Ok(request) => {
                     shared
                         .metrics
