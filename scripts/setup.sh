@@ -11,8 +11,11 @@ set -euo pipefail
 #   acpica-tools     iasl, which checks the ACPI tables the VMM writes
 #   fio              the host io_uring limit in the blk benchmark
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
+#   e2fsprogs        mkfs.ext4 for vhost-blk's inflight crash test, which holds writes in
+#                    flight by freezing a loop-mounted file system (losetup/mount/fsfreeze are
+#                    util-linux, always present); the kernel has no device-mapper for dm-delay
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio e2fsprogs)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
