@@ -15,8 +15,11 @@ set -euo pipefail
 #   dpdk-dev         dpdk-testpmd, the reference vhost-user-net backend (VMM frontend tests,
 #                    the frontend harness cross-check, the net benchmark's peer)
 #   dpkg, apt        (always present) fetch and unpack the Debian kernel for boot tests
+#   e2fsprogs        mkfs.ext4 for vhost-blk's inflight crash test, which holds writes in
+#                    flight by freezing a loop-mounted file system (losetup/mount/fsfreeze are
+#                    util-linux, always present); the kernel has no device-mapper for dm-delay
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -24,12 +24,14 @@ use vmm_sys_util::event::{
 };
 
 use crate::config::Disk;
+use crate::inflight::{InflightLimits, QueueInflight};
 use crate::io::{IoEngine, IoError, IoOp};
 use crate::metrics::Metrics;
 use crate::order::{CompletionOrder, UsedEntry};
+use crate::relay::InflightSlot;
 use crate::request::{
     DeviceLimits, Operation, Rejection, Request, RequestType, SECTOR_SHIFT, Segment,
-    VIRTIO_BLK_ID_BYTES, parse_request,
+    VIRTIO_BLK_ID_BYTES, parse_request, parse_request_at,
 };
 
 pub type GuestMemoryAtomicMmap = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -66,6 +68,8 @@ struct Shared {
     memory: RwLock<Option<GuestMemoryAtomicMmap>>,
     workers: Vec<Mutex<QueueWorker>>,
     metrics: Arc<Metrics>,
+    /// The inflight region the frontend attached (through the relay), if any.
+    inflight: InflightSlot,
 }
 
 /// A request the kernel is working on.
@@ -91,7 +95,14 @@ struct QueueWorker {
     vring: Option<VringRwLock>,
     requests: Vec<Option<InFlightRequest>>,
     free: Vec<usize>,
+    /// Used ring in available order, for frontends without an inflight region.
     order: CompletionOrder,
+    /// With an inflight region the used ring is filled as requests finish, and the region
+    /// says which to resubmit after a crash.
+    tracker: Option<QueueInflight>,
+    /// The queue was started (region attached, recorded work resubmitted) since the last
+    /// GET_VRING_BASE.
+    started: bool,
     /// Used entries were added since the guest was last signalled.
     unsignalled: bool,
 }
@@ -145,6 +156,8 @@ impl BlkBackend {
                     requests: Vec::new(),
                     free: Vec::new(),
                     order: CompletionOrder::default(),
+                    tracker: None,
+                    started: false,
                     unsignalled: false,
                 }))
             })
@@ -161,12 +174,26 @@ impl BlkBackend {
                 memory: RwLock::new(None),
                 workers,
                 metrics,
+                inflight: InflightSlot::default(),
             }),
         })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// Where SET_INFLIGHT_FD puts the frontend's region; queues starting later use it.
+    pub fn inflight_slot(&self) -> InflightSlot {
+        self.shared.inflight.clone()
+    }
+
+    /// The largest inflight region geometry this device accepts.
+    pub fn inflight_limits(&self) -> InflightLimits {
+        InflightLimits {
+            max_queues: self.shared.num_queues,
+            max_queue_size: self.shared.queue_size,
+        }
     }
 
     /// The eventfd of queue `queue`'s io_uring completions, to register with that queue's
@@ -229,6 +256,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Answered by the relay in front of the daemon (see `relay`).
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -278,6 +307,10 @@ impl VhostUserBackend for BlkBackend {
             worker.reap_completions(&self.shared);
         }
         worker.signal_guest(&self.shared);
+        // The next start reads the (possibly new) region again.
+        worker.started = false;
+        worker.tracker = None;
+        worker.order = CompletionOrder::default();
         Ok(())
     }
 
@@ -303,6 +336,9 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         worker.vring = Some(vring.clone());
+        if !worker.started {
+            worker.start_queue(&self.shared, thread_id);
+        }
         worker.process_queue(&self.shared, thread_id);
         Ok(())
     }
@@ -338,6 +374,9 @@ impl QueueWorker {
                     queue.pop_descriptor_chain(memory.clone())
                 };
                 let Some(chain) = chain else { break };
+                if let Some(tracker) = self.tracker.as_mut() {
+                    tracker.begin(chain.head_index());
+                }
                 let sequence = self.order.take();
                 match parse_request(chain, &shared.limits) {
                     Ok(request) => {
@@ -374,8 +413,101 @@ impl QueueWorker {
         self.signal_guest(shared);
     }
 
-    /// Hands a completed request to the used ring once every earlier one is there.
+    /// Attaches the inflight region to this queue, if the frontend set one, and resubmits
+    /// the chains a previous backend took and never answered, oldest first, before any new
+    /// chain is taken.
+    fn start_queue(&mut self, shared: &Shared, queue: usize) {
+        self.started = true;
+        self.order = CompletionOrder::default();
+        let area = shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.tracker = area.and_then(|a| a.queue(queue as u16));
+        let (Some(tracker), Some(vring)) = (self.tracker.as_mut(), self.vring.clone()) else {
+            return;
+        };
+        let Some(atomic) = shared
+            .memory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let memory = atomic.memory();
+        let (used_idx, size, desc_table) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (
+                q.used_idx(&*memory, Ordering::Acquire),
+                q.size(),
+                q.desc_table(),
+            )
+        };
+        let used_idx = match used_idx {
+            Ok(idx) => idx.0,
+            Err(e) => {
+                shared.metrics.count_queue_error();
+                tracing::warn!(queue, error = ?e, "cannot read the used index; not tracking in-flight requests");
+                self.tracker = None;
+                return;
+            }
+        };
+        let recovery = tracker.recover(used_idx, size);
+        vring.set_queue_next_avail(recovery.next_avail);
+        vring.set_queue_next_used(used_idx);
+        if recovery.resubmit.is_empty() {
+            return;
+        }
+        tracing::info!(
+            queue,
+            requests = recovery.resubmit.len(),
+            next_avail = recovery.next_avail,
+            "resubmitting requests in flight when the previous backend stopped"
+        );
+        for head in recovery.resubmit {
+            if let Some(tracker) = self.tracker.as_mut() {
+                tracker.begin(head);
+            }
+            shared.metrics.count_resubmitted();
+            let sequence = self.order.take();
+            match parse_request_at(
+                &*memory,
+                GuestAddress(desc_table),
+                size,
+                head,
+                &shared.limits,
+            ) {
+                Ok(request) => {
+                    shared
+                        .metrics
+                        .count_request(request.operation.request_type());
+                    self.start_request(shared, &memory, request, sequence);
+                }
+                Err(rejection) => self.reject(shared, &memory, rejection, sequence),
+            }
+        }
+    }
+
+    /// Hands a completed request to the used ring: at once when an inflight region tracks
+    /// the queue, else once every request made available before it is there.
     fn publish(&mut self, sequence: u64, head: u16, len: u32) {
+        if let Some(tracker) = &self.tracker {
+            let Some(vring) = &self.vring else { return };
+            // vhost-user spec, "Inflight I/O tracking": name the batch, publish it, clear its
+            // marks, record the used index; each step fenced (see `inflight`).
+            tracker.before_used(head);
+            if let Err(e) = vring.add_used(head, len) {
+                tracing::warn!(head, error = ?e, "cannot return a request to the used ring");
+                return;
+            }
+            let used = vring.get_ref().get_queue().next_used();
+            tracker.after_used(head, used);
+            self.unsignalled = true;
+            return;
+        }
         self.order.complete(sequence, UsedEntry { head, len });
         let Some(vring) = &self.vring else { return };
         for entry in self.order.release() {

@@ -14,15 +14,20 @@
 //! connection once it exists and a connect succeeds.
 //!
 //! Modules: [`config`] (flags, image checks), [`request`] (pure parsing and validation of
-//! guest requests), [`io`] (one io_uring per queue worker), [`order`] (used ring in available
-//! order, which makes a reconnect from the used index exact), [`backend`] (the
+//! guest requests), [`io`] (one io_uring per queue worker), [`inflight`] (the shared region
+//! recording requests in flight, so a restarted backend resubmits exactly those; with it,
+//! completions are published as they finish), [`order`] (used ring in available order, for
+//! frontends without an inflight region: a reconnect from the used index is then exact),
+//! [`relay`] (answers GET/SET_INFLIGHT_FD in front of the vhost-user daemon), [`backend`] (the
 //! `VhostUserBackend`), [`metrics`], [`server`] (socket and connection loop).
 
 pub mod backend;
 pub mod config;
+pub mod inflight;
 pub mod io;
 pub mod metrics;
 pub mod order;
+pub mod relay;
 pub mod request;
 pub mod server;
 

@@ -16,6 +16,7 @@ pub struct Metrics {
     queue_errors: AtomicU64,
     io_submits: AtomicU64,
     io_ops_submitted: AtomicU64,
+    resubmitted: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`].
@@ -35,6 +36,9 @@ pub struct MetricsSnapshot {
     pub io_submits: u64,
     /// Operations those calls submitted.
     pub io_ops_submitted: u64,
+    /// Requests a previous backend had taken and not answered, found in the inflight region
+    /// and submitted again.
+    pub resubmitted: u64,
 }
 
 impl MetricsSnapshot {
@@ -82,6 +86,10 @@ impl Metrics {
             .fetch_add(ops as u64, Ordering::Relaxed);
     }
 
+    pub fn count_resubmitted(&self) {
+        self.resubmitted.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             requests: std::array::from_fn(|i| self.requests[i].load(Ordering::Relaxed)),
@@ -92,6 +100,7 @@ impl Metrics {
             queue_errors: self.queue_errors.load(Ordering::Relaxed),
             io_submits: self.io_submits.load(Ordering::Relaxed),
             io_ops_submitted: self.io_ops_submitted.load(Ordering::Relaxed),
+            resubmitted: self.resubmitted.load(Ordering::Relaxed),
         }
     }
 }

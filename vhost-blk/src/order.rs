@@ -1,4 +1,6 @@
-//! Returns requests to the used ring in the order the guest made them available.
+//! Returns requests to the used ring in the order the guest made them available, for
+//! frontends that did not attach an inflight region (libblkio, or a VMM without
+//! INFLIGHT_SHMFD); with a region, [`crate::inflight`] makes out-of-order completion safe.
 //!
 //! io_uring completes out of order; publishing in order keeps the used index an exact count of
 //! a prefix of the available ring. A VMM that reconnects after this backend died restarts the

@@ -243,6 +243,107 @@ where
             write_only: d.is_write_only(),
         })
         .collect();
+    parse_descriptors(head, mem, descriptors, limits)
+}
+
+/// Parses the chain starting at descriptor `head` of the table at `desc_table` (a split ring
+/// of `queue_size` entries), as [`parse_request`] does a popped one. Used to resubmit a chain
+/// recorded in the inflight region, which is not in the available ring any more.
+pub fn parse_request_at<Mem>(
+    mem: &Mem,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    limits: &DeviceLimits,
+) -> Result<Request, Rejection>
+where
+    Mem: GuestMemory + ?Sized,
+{
+    let descriptors = walk_chain(mem, desc_table, queue_size, head);
+    parse_descriptors(head, mem, descriptors, limits)
+}
+
+// virtio 1.2 §2.7.5: struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }.
+const DESC_LEN: u64 = 16;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// The descriptors of the chain at `head`, following NEXT and one level of INDIRECT (virtio
+/// 1.2 §2.7.5.3) the way virtio-queue's `DescriptorChain` does: a descriptor outside memory or
+/// the table, a nested indirect table, a loop (more links than entries) or more than 4 GiB
+/// of buffers ends the chain.
+fn walk_chain<Mem>(
+    mem: &Mem,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> Vec<RawDescriptor>
+where
+    Mem: GuestMemory + ?Sized,
+{
+    let mut out = Vec::new();
+    let (mut table, mut entries, mut index) = (desc_table, u32::from(queue_size), u32::from(head));
+    let mut ttl = entries;
+    let mut indirect = false;
+    let mut yielded = 0u32;
+    while index < entries && ttl > 0 {
+        ttl -= 1;
+        let mut raw = [0u8; DESC_LEN as usize];
+        let Some(at) = table.checked_add(u64::from(index) * DESC_LEN) else {
+            break;
+        };
+        if mem.read_slice(&mut raw, at).is_err() {
+            break;
+        }
+        let addr = u64::from_le_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
+        let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        if flags & DESC_F_INDIRECT != 0 {
+            if indirect || len == 0 || u64::from(len) % DESC_LEN != 0 {
+                break;
+            }
+            let count = u64::from(len) / DESC_LEN;
+            if count > u64::from(u16::MAX) {
+                break;
+            }
+            indirect = true;
+            table = GuestAddress(addr);
+            entries = count as u32;
+            ttl = entries;
+            index = 0;
+            continue;
+        }
+        // The chain's bytes must fit the used entry's u32 length.
+        let Some(total) = yielded.checked_add(len) else {
+            break;
+        };
+        yielded = total;
+        out.push(RawDescriptor {
+            addr: GuestAddress(addr),
+            len,
+            write_only: flags & DESC_F_WRITE != 0,
+        });
+        if flags & DESC_F_NEXT == 0 {
+            break;
+        }
+        index = u32::from(next);
+    }
+    out
+}
+
+fn parse_descriptors<Mem>(
+    head: u16,
+    mem: &Mem,
+    descriptors: Vec<RawDescriptor>,
+    limits: &DeviceLimits,
+) -> Result<Request, Rejection>
+where
+    Mem: GuestMemory + ?Sized,
+{
     let reject = |status, reason, request_type| Rejection {
         head,
         status,
@@ -475,7 +576,7 @@ fn check_sectors(sector: u64, count: u64, limits: &DeviceLimits) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -553,7 +654,11 @@ mod tests {
                 .collect();
             let chain = queue.build_desc_chain(&raw).unwrap();
             let limits = limits();
-            match parse_request(chain, &limits) {
+            // A chain resubmitted from the inflight region parses exactly as when popped.
+            let by_head = parse_request_at(&mem, queue.desc_table_addr(), 16, chain.head_index(), &limits);
+            let parsed = parse_request(chain, &limits);
+            prop_assert_eq!(&parsed, &by_head);
+            match parsed {
                 Ok(request) => {
                     prop_assert!(mem.check_range(request.status, 1, Permissions::Write));
                     let (segments, device_writes, range) = match &request.operation {
@@ -603,5 +708,68 @@ mod tests {
             parse_request(queue.build_desc_chain(&raw).unwrap(), &limits()).unwrap_err();
         assert_eq!(rejection.status, None);
         assert_eq!(rejection.reason, RejectReason::NoStatusByte);
+    }
+
+    fn write_desc(mem: &GuestMemoryMmap<()>, table: u64, index: u64, d: (u64, u32, u16, u16)) {
+        let at = GuestAddress(table + index * 16);
+        mem.write_obj(d.0.to_le(), at).unwrap();
+        mem.write_obj(d.1.to_le(), at.unchecked_add(8)).unwrap();
+        mem.write_obj(d.2.to_le(), at.unchecked_add(12)).unwrap();
+        mem.write_obj(d.3.to_le(), at.unchecked_add(14)).unwrap();
+    }
+
+    #[test]
+    fn a_chain_found_by_head_follows_an_indirect_table() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let (table, indirect) = (0x1000, 0x2000);
+        let write = VRING_DESC_F_WRITE as u16;
+        let next = VRING_DESC_F_NEXT as u16;
+        write_desc(&mem, table, 3, (indirect, 48, DESC_F_INDIRECT, 0));
+        write_desc(&mem, indirect, 0, (0x1_0000, 16, next, 1));
+        write_desc(&mem, indirect, 1, (0x2_0000, 512, next | write, 2));
+        write_desc(&mem, indirect, 2, (0x3_0000, 1, write, 0));
+        let header = RequestHeader {
+            request_type: VIRTIO_BLK_T_IN.to_le(),
+            reserved: 0,
+            sector: 4u64.to_le(),
+        };
+        mem.write_obj(header, GuestAddress(0x1_0000)).unwrap();
+        let request = parse_request_at(&mem, GuestAddress(table), 16, 3, &limits()).unwrap();
+        assert_eq!(request.head, 3);
+        assert_eq!(request.status, GuestAddress(0x3_0000));
+        assert_eq!(
+            request.operation,
+            Operation::Read {
+                offset: 4 * SECTOR_SIZE,
+                len: 512,
+                segments: vec![Segment {
+                    addr: GuestAddress(0x2_0000),
+                    len: 512
+                }],
+            }
+        );
+    }
+
+    #[test]
+    fn a_looping_or_out_of_table_chain_found_by_head_ends_without_hanging() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let table = 0x1000;
+        let next = VRING_DESC_F_NEXT as u16;
+        // 0 -> 1 -> 0 -> ...
+        write_desc(&mem, table, 0, (0x1_0000, 16, next, 1));
+        write_desc(&mem, table, 1, (0x2_0000, 16, next, 0));
+        assert_eq!(walk_chain(&mem, GuestAddress(table), 16, 0).len(), 16);
+        // A head outside the ring, and a next outside it.
+        assert!(walk_chain(&mem, GuestAddress(table), 16, 16).is_empty());
+        write_desc(&mem, table, 2, (0x2_0000, 16, next, 400));
+        assert_eq!(walk_chain(&mem, GuestAddress(table), 16, 2).len(), 1);
+        // A table outside guest memory.
+        assert!(walk_chain(&mem, GuestAddress(u64::MAX - 8), 16, 0).is_empty());
+        // Nested indirect tables are refused.
+        write_desc(&mem, table, 4, (0x4000, 16, DESC_F_INDIRECT, 0));
+        write_desc(&mem, 0x4000, 0, (0x5000, 16, DESC_F_INDIRECT, 0));
+        assert!(walk_chain(&mem, GuestAddress(table), 16, 4).is_empty());
     }
 }

@@ -1,8 +1,15 @@
 //! The listening socket and the connection loop: one vhost-user daemon per VMM connection, so a
 //! VMM that reconnects (after its own or our restart) gets a fresh device over the same image.
+//!
+//! The VMM's connection goes to a [`Relay`], which answers the inflight-region messages and
+//! passes everything else to the daemon over a private socket: an abstract-namespace listener
+//! with a random name (nothing on the file system to clean up), connected to before the daemon
+//! accepts, so the daemon's one accept takes the relay's connection.
 
+use std::io::Read;
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{BackendError, BlkBackend};
 use crate::config::{BackendConfig, ConfigError, Disk};
 use crate::metrics::Metrics;
+use crate::relay::{Relay, RelayError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -33,6 +41,12 @@ pub enum ServeError {
     Daemon(String),
     #[error("cannot register the io_uring completion eventfd with worker {0}")]
     RegisterCompletion(usize, #[source] std::io::Error),
+    #[error("cannot accept a VMM connection")]
+    Accept(#[source] vhost::vhost_user::Error),
+    #[error("cannot set up the private socket between the relay and the daemon")]
+    PrivateSocket(#[source] std::io::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
 }
 
 /// A bound vhost-user-blk server over one image.
@@ -94,12 +108,27 @@ impl Server {
                 .register_listener(fd, EventSet::IN, backend.completion_event_id())
                 .map_err(|e| ServeError::RegisterCompletion(queue, e))?;
         }
-        let served = daemon
-            .start(&mut self.listener)
-            .and_then(|()| daemon.wait());
+        let vmm = loop {
+            match self.listener.accept() {
+                Ok(Some(stream)) => break stream,
+                Ok(None) => continue,
+                Err(e) => return Err(ServeError::Accept(e)),
+            }
+        };
+        let (mut private, daemon_side) = private_channel().map_err(ServeError::PrivateSocket)?;
+        let relay = Relay::spawn(
+            vmm,
+            daemon_side,
+            backend.inflight_limits(),
+            backend.inflight_slot(),
+        )?;
+        let served = daemon.start(&mut private).and_then(|()| daemon.wait());
+        drop(private);
         for handler in &handlers {
             handler.send_exit_event();
         }
+        // The daemon's end is closed now, so both relay threads are finishing.
+        relay.join();
         match served {
             Ok(()) => Ok(()),
             Err(vhost_user_backend::Error::HandleRequest(
@@ -121,6 +150,18 @@ impl Server {
             }
         }
     }
+}
+
+/// A listener only this process knows the name of, and a connection to it waiting in its
+/// backlog.
+fn private_channel() -> std::io::Result<(Listener, UnixStream)> {
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let name: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let addr = SocketAddr::from_abstract_name(format!("ferrovirt-vhost-blk/{name}"))?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    Ok((Listener::from(listener), stream))
 }
 
 /// Refuses a socket path a live server listens on or that is not a socket; removes a stale one.

@@ -4,6 +4,8 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
@@ -21,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BlockError;
+use super::watchdog::Watchdog;
 use crate::devices::virtio::pci::MAX_QUEUES;
 use crate::memory::GuestMemoryAtomic;
 
@@ -48,6 +51,13 @@ pub(super) const GUEST_FEATURES: u64 = 1 << VIRTIO_BLK_F_SIZE_MAX
     | 1 << VIRTIO_BLK_F_WRITE_ZEROES
     | 1 << VIRTIO_RING_F_INDIRECT_DESC
     | 1 << VIRTIO_RING_F_EVENT_IDX;
+
+/// How long one exchange with the backend (the handshake, starting or stopping the rings, a
+/// config write) may take: the 3 s in [`BlockError::Unresponsive`]. A backend that accepts
+/// and never answers would otherwise block the caller (a vCPU thread writing the status
+/// register, or the monitor) forever. The `vhost` crate retries EAGAIN, so a socket timeout
+/// cannot do this; a [`Watchdog`] shuts the socket down instead.
+pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Protocol features this frontend uses when the backend has them.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -113,6 +123,8 @@ pub(super) struct Backend {
     protocol: VhostUserProtocolFeatures,
     queue_count: usize,
     config: [u8; CONFIG_SIZE],
+    /// Shuts the socket down when an exchange takes longer than [`REPLY_TIMEOUT`].
+    watchdog: Arc<Watchdog>,
 }
 
 impl Backend {
@@ -123,6 +135,9 @@ impl Backend {
             socket: socket.to_owned(),
             source,
         })?;
+        let watchdog = Arc::new(
+            Watchdog::spawn(frontend.as_raw_fd(), REPLY_TIMEOUT).map_err(BlockError::Watchdog)?,
+        );
         let mut backend = Backend {
             socket: socket.to_owned(),
             frontend,
@@ -130,17 +145,35 @@ impl Backend {
             protocol: VhostUserProtocolFeatures::empty(),
             queue_count: 1,
             config: [0; CONFIG_SIZE],
+            watchdog,
         };
-        backend.negotiate()?;
+        let watch = backend.watchdog.clone();
+        watch.bounded(|| backend.negotiate())?;
         Ok(backend)
     }
 
     fn handshake_error(&self, step: &'static str) -> impl FnOnce(vhost::Error) -> BlockError {
         let socket = self.socket.clone();
-        move |source| BlockError::Handshake {
-            socket,
-            step,
-            source,
+        let watchdog = self.watchdog.clone();
+        move |source| {
+            if watchdog.fired() {
+                BlockError::Unresponsive { socket, step }
+            } else {
+                BlockError::Handshake {
+                    socket,
+                    step,
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Gives up on this connection: shuts the socket down, so the monitor (which polls a
+    /// duplicate of it) sees a hang-up and redials.
+    pub fn abandon(&self) {
+        let how = nix::sys::socket::Shutdown::Both;
+        if let Err(e) = nix::sys::socket::shutdown(self.frontend.as_raw_fd(), how) {
+            tracing::warn!("cannot shut down the vhost-user-blk socket: {e}");
         }
     }
 
@@ -232,6 +265,11 @@ impl Backend {
 
     /// Forwards a driver's write of the `writeback` byte (the only writable field).
     pub fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        let watch = self.watchdog.clone();
+        watch.bounded(|| self.forward_config_write(offset, data))
+    }
+
+    fn forward_config_write(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
         let writable = offset == CONFIG_WRITEBACK as u64
             && data.len() == 1
             && self.features & 1 << VIRTIO_BLK_F_CONFIG_WCE != 0;
@@ -254,6 +292,11 @@ impl Backend {
     /// addresses (in this process's address space, as vhost-user wants), start index, and
     /// eventfds; finally enables the rings.
     pub fn start(&mut self, rings: &mut Rings) -> Result<(), BlockError> {
+        let watch = self.watchdog.clone();
+        watch.bounded(|| self.hand_over_rings(rings))
+    }
+
+    fn hand_over_rings(&mut self, rings: &mut Rings) -> Result<(), BlockError> {
         let mut features = rings.features & (self.features | GUEST_FEATURES | 1 << 32);
         features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
@@ -341,6 +384,11 @@ impl Backend {
 
     /// Stops every ring (VHOST_USER_GET_VRING_BASE) and records where each stopped.
     pub fn stop(&mut self, rings: &mut Rings) -> Result<(), BlockError> {
+        let watch = self.watchdog.clone();
+        watch.bounded(|| self.take_back_rings(rings))
+    }
+
+    fn take_back_rings(&mut self, rings: &mut Rings) -> Result<(), BlockError> {
         let mut result = Ok(());
         for ring in &mut rings.queues {
             let i = usize::from(ring.index);

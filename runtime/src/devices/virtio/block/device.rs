@@ -34,6 +34,20 @@ impl Shared {
     }
 }
 
+impl Session {
+    /// Counts a failed request to the backend; one that timed out disconnects it, so the
+    /// monitor redials it and hands it the rings as after a crash.
+    pub fn backend_failed(&mut self, metrics: &BlockMetrics, error: &BlockError) {
+        BlockMetrics::add(&metrics.backend_errors, 1);
+        tracing::warn!("{error}");
+        if error.is_unresponsive()
+            && let Some(backend) = self.backend.take()
+        {
+            backend.abandon();
+        }
+    }
+}
+
 /// A vhost-user-blk disk: a virtio-blk device served by the backend behind a socket.
 pub struct VhostUserBlk {
     shared: Arc<Shared>,
@@ -154,10 +168,7 @@ impl VirtioDevice for VhostUserBlk {
         };
         match backend.write_config(offset, data) {
             Ok(()) => self.config = *backend.config(),
-            Err(e) => {
-                BlockMetrics::add(&self.shared.metrics.backend_errors, 1);
-                tracing::warn!("{e}");
-            }
+            Err(e) => session.backend_failed(&self.shared.metrics, &e),
         }
     }
 
@@ -168,8 +179,12 @@ impl VirtioDevice for VhostUserBlk {
         match session.backend.as_mut() {
             Some(backend) => {
                 if let Err(e) = backend.start(&mut rings) {
-                    BlockMetrics::add(&self.shared.metrics.backend_errors, 1);
-                    return Err(VirtioError::Activate(Box::new(e)));
+                    if !e.is_unresponsive() {
+                        BlockMetrics::add(&self.shared.metrics.backend_errors, 1);
+                        return Err(VirtioError::Activate(Box::new(e)));
+                    }
+                    // Like a backend that is away: the rings start when one answers.
+                    session.backend_failed(&self.shared.metrics, &e);
                 }
             }
             None => tracing::warn!(
@@ -190,8 +205,8 @@ impl VirtioDevice for VhostUserBlk {
         if let Some(backend) = session.backend.as_mut()
             && let Err(e) = backend.stop(&mut rings)
         {
-            BlockMetrics::add(&self.shared.metrics.backend_errors, 1);
-            tracing::warn!("cannot stop the vhost-user-blk rings: {e}");
+            tracing::warn!("cannot stop the vhost-user-blk rings");
+            session.backend_failed(&self.shared.metrics, &e);
         }
         // Dropping the rings drops the inflight region too: a new driver starts clean.
     }

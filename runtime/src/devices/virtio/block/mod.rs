@@ -9,6 +9,7 @@ mod backend;
 mod device;
 mod metrics;
 mod reconnect;
+mod watchdog;
 
 pub use device::VhostUserBlk;
 pub use metrics::BlockMetrics;
@@ -48,6 +49,20 @@ pub enum BlockError {
     EventFd(#[source] std::io::Error),
     #[error("cannot start the vhost-user-blk monitor thread")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot start the vhost-user-blk reply watchdog")]
+    Watchdog(#[source] std::io::Error),
+    #[error(
+        "the vhost-user-blk backend at {} did not answer {step} within 3 s; it is treated as \
+         disconnected and redialled; check that the backend process is not stuck", .socket.display()
+    )]
+    Unresponsive { socket: PathBuf, step: &'static str },
+}
+
+impl BlockError {
+    /// The backend accepted the request and did not answer in time.
+    pub fn is_unresponsive(&self) -> bool {
+        matches!(self, BlockError::Unresponsive { .. })
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +264,22 @@ mod tests {
         assert!(matches!(err, BlockError::Connect { .. }), "{msg}");
         assert!(msg.contains(socket.to_str().unwrap()), "{msg}");
         assert!(msg.contains("is the backend running?"), "{msg}");
+    }
+
+    #[test]
+    fn a_backend_that_accepts_and_never_answers_is_a_timeout_not_a_hang() {
+        let dir = ScratchDir::new("blk-silent").unwrap();
+        let socket = dir.join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Accepts, then keeps the connection open without reading or answering.
+        let silent = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let started = Instant::now();
+        let err = VhostUserBlk::new(&socket)
+            .err()
+            .expect("connected to a silent backend");
+        assert!(err.is_unresponsive(), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(silent.join().unwrap());
     }
 
     #[test]

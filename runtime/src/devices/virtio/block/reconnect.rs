@@ -145,6 +145,17 @@ fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
                 tracing::warn!("the reconnected vhost-user-blk backend refused the rings: {e}");
                 continue;
             }
+            // Requests the guest made available while no backend was there (and those the
+            // last one took and never answered) must not wait for the guest's next kick,
+            // which may never come. A spurious notification is harmless (virtio 1.2 §2.9).
+            for ring in &rings.queues {
+                if let Err(e) = ring.kick.write(1) {
+                    tracing::warn!(
+                        queue = ring.index,
+                        "cannot kick the reconnected backend: {e}"
+                    );
+                }
+            }
         }
         session.backend = Some(backend);
         BlockMetrics::add(&shared.metrics.reconnects, 1);
