@@ -33,4 +33,4 @@ pub mod server;
 
 pub use config::{BackendConfig, Flags};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use server::{ServeError, Server};
+pub use server::{ServeError, Server, TerminationSignals};

@@ -3,17 +3,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferrovirt_vhost_blk::{BackendConfig, Flags, Server};
+use ferrovirt_vhost_blk::{BackendConfig, Flags, Server, TerminationSignals};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
     let flags = Flags::parse();
-    let result = BackendConfig::from_flags(&flags)
-        .map_err(Into::into)
-        .and_then(|config| Server::bind(config, &flags.socket))
-        .and_then(|server| server.run(flags.once));
+    let result = TerminationSignals::block().and_then(|signals| {
+        let config = BackendConfig::from_flags(&flags)?;
+        let server = Server::bind(config, &flags.socket)?;
+        signals.remove_on_signal(vec![server.socket().to_owned()])?;
+        server.run(flags.once)
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -13,6 +13,7 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nix::sys::signal::{SigSet, Signal};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -39,6 +40,8 @@ pub enum ServeError {
     Backend(#[from] BackendError),
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    #[error("cannot set up the signal handling thread")]
+    Signals(#[source] std::io::Error),
     #[error("cannot register the io_uring completion eventfd with worker {0}")]
     RegisterCompletion(usize, #[source] std::io::Error),
     #[error("cannot accept a VMM connection")]
@@ -162,6 +165,40 @@ fn private_channel() -> std::io::Result<(Listener, UnixStream)> {
     let listener = UnixListener::bind_addr(&addr)?;
     let stream = UnixStream::connect_addr(&addr)?;
     Ok((Listener::from(listener), stream))
+}
+
+/// SIGTERM, SIGINT and SIGHUP, blocked in the thread that created this and every thread it
+/// starts later, so that one waiting thread takes them. Create it before any other thread.
+pub struct TerminationSignals(SigSet);
+
+impl TerminationSignals {
+    pub fn block() -> Result<Self, ServeError> {
+        let mut set = SigSet::empty();
+        for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(signal);
+        }
+        set.thread_block()
+            .map_err(|e| ServeError::Signals(e.into()))?;
+        Ok(Self(set))
+    }
+
+    /// Ends the process with status 128+N on one of the signals, after removing `sockets`
+    /// (ours, once bound), so a stopped backend leaves no
+    /// socket file behind.
+    pub fn remove_on_signal(self, sockets: Vec<PathBuf>) -> Result<(), ServeError> {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let signal = self.0.wait().unwrap_or(Signal::SIGTERM);
+                tracing::info!(?signal, "stopping");
+                for socket in &sockets {
+                    let _ = std::fs::remove_file(socket);
+                }
+                std::process::exit(128 + signal as i32);
+            })
+            .map(drop)
+            .map_err(ServeError::Signals)
+    }
 }
 
 /// Refuses a socket path a live server listens on or that is not a socket; removes a stale one.

@@ -121,7 +121,7 @@ fn bad_values_are_rejected() {
 }
 
 #[test]
-fn a_good_invocation_listens_and_replaces_a_stale_socket() {
+fn a_good_invocation_listens_replaces_a_stale_socket_and_removes_it_on_sigterm() {
     let s = ScratchDir::new("good").unwrap();
     std::fs::write(s.join("d.img"), vec![0u8; 4096]).unwrap();
     let sock = s.join("s");
@@ -140,9 +140,16 @@ fn a_good_invocation_listens_and_replaces_a_stale_socket() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
     assert!(connected, "backend never listened on {sock:?}");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "SIGTERM ends it cleanly"
+    );
+    assert!(!sock.exists(), "a stopped backend leaves no socket behind");
 }
 
 #[test]
