@@ -67,6 +67,15 @@ const F_EVENT_IDX: u32 = 29;
 const F_VERSION_1: u32 = 32;
 const FEATURES: u64 = 1 << F_VERSION_1 | 1 << F_EVENT_IDX;
 
+/// VM to VM: frames the sending guest sends per run, and how long the receiving guest waits
+/// for all of them before it reports what it got.
+const VM_FRAMES: u64 = 100_000;
+const VM_RECV_SECONDS: u64 = 5;
+/// (case name, frame bytes as net-send's `size`: Ethernet header to end of payload).
+const VM_CASES: &[(&str, u64)] = &[("vm2vm_64b", 64), ("vm2vm_1500b", 1500)];
+const RECEIVER_MAC: &str = "52:54:00:00:00:02";
+const SENDER_MAC: &str = "52:54:00:00:00:03";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
     /// Guest TX: the driver fills the TX queue, frames come out of the TAP.
@@ -197,6 +206,38 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             ),
         ));
     }
+    for &(name, size) in VM_CASES {
+        let mut pps = Samples::new(&format!("{name}_pps"), "frames/s", Better::Higher);
+        let mut delivered = Samples::new(&format!("{name}_delivered"), "%", Better::Higher);
+        let mut cpu = Samples::new(&format!("{name}_cpu_per_packet"), "ns", Better::Lower);
+        for round in 0..config.rounds {
+            for side in round_order(round) {
+                let path = match side {
+                    Side::Ferrovirt => DataPath::Ferrovirt,
+                    Side::Peer => DataPath::Testpmd,
+                };
+                let s = setup
+                    .measure_vm_to_vm(size, path)
+                    .with_context(|| format!("case {name} ({path:?})"))?;
+                eprintln!(
+                    "net: {name} {path:?}: {:.0} frames/s, {:.1}% delivered, {:.0} ns CPU/frame",
+                    s.pps, s.delivered_pct, s.cpu_ns_per_packet
+                );
+                pps.push(side, s.pps);
+                delivered.push(side, s.delivered_pct);
+                cpu.push(side, s.cpu_ns_per_packet);
+            }
+        }
+        eprintln!("net: case {name} done");
+        for samples in [&pps, &delivered, &cpu] {
+            rows.push(samples.summarize("dpdk-testpmd").context("no samples")?);
+        }
+        goals.push(Goal::ratio_at_least(
+            &format!("{name}_pps"),
+            0.7,
+            &format!("≥ 0.7× dpdk-testpmd's frames/s, VM to VM {size} B"),
+        ));
+    }
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name: "dpdk-testpmd (vhost PMD ⇄ TAP PMD, io forwarding)".into(),
@@ -243,6 +284,16 @@ fn notes() -> Vec<String> {
          writes one frame per write(2) (tx, counted at the TAP) or reads one per read(2) while \
          the same injector sends (rx, counted by the reader)."
             .into(),
+        format!(
+            "vm2vm_*: two ferrovirt-vmm test guests (`--memory 64 --net socket=SOCK,mac=MAC`), \
+             `net-send count={VM_FRAMES} size=S batch=64` to `net-recv count={VM_FRAMES} \
+             seconds={VM_RECV_SECONDS}` (UDP, every payload checked), each on its own backend \
+             whose TAPs are ports of one Linux bridge in a fresh namespace; the peer is the \
+             same VMMs on two testpmd instances (whose forwarding lcores share core 1). \
+             frames/s = good frames / the receiver's TSC time from first to last frame; \
+             delivered = good / sent; CPU per packet = both backends' CPU while the sender runs \
+             (boot to exit) / good frames."
+        ),
         "The driver, the injector and the kernel share the machine's cores with the backend; \
          on 2 cores testpmd's spinning lcore takes one of them."
             .into(),
@@ -251,6 +302,8 @@ fn notes() -> Vec<String> {
 
 struct Setup {
     backend: PathBuf,
+    vmm: PathBuf,
+    guest: PathBuf,
     dir: ScratchDir,
 }
 
@@ -332,8 +385,17 @@ impl Setup {
             ferrovirt_tests::try_vhost_net_binary().context("net runs ferrovirt-vhost-net")?;
         crate::find_in_path(ferrovirt_tests::testpmd::TESTPMD)
             .context("the peer is dpdk-testpmd: apt-get install dpdk-dev (scripts/setup.sh)")?;
+        let vmm =
+            ferrovirt_tests::try_vmm_binary().context("the VM-to-VM cases run ferrovirt-vmm")?;
+        let guest =
+            ferrovirt_tests::try_testguest().context("the VM-to-VM cases boot the test guest")?;
         let dir = ScratchDir::new("bench-net")?;
-        Ok(Setup { backend, dir })
+        Ok(Setup {
+            backend,
+            vmm,
+            guest,
+            dir,
+        })
     }
 
     /// A TAP made by us inside `netns`, up, with no addresses (the namespace removes it).
@@ -527,6 +589,139 @@ impl Setup {
             backend_cores,
         })
     }
+}
+
+/// What one VM-to-VM transfer measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct VmSample {
+    pps: f64,
+    delivered_pct: f64,
+    cpu_ns_per_packet: f64,
+}
+
+impl Setup {
+    /// `net-send` in one test guest to `net-recv` in another, each guest on its own `path`
+    /// backend, the two TAPs bridged in a fresh namespace.
+    fn measure_vm_to_vm(&self, size: u64, path: DataPath) -> anyhow::Result<VmSample> {
+        let netns = NetNs::create("nbvm")?;
+        quiet_netns(&netns);
+        let ns = netns.name();
+        ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", ns, "link", "set", "br0", "up"])?;
+        let mut backends = Vec::new();
+        for _ in 0..2 {
+            let (backend, tap) = self.start_backend(path, &netns)?;
+            ip(&["-n", ns, "link", "set", "dev", &tap, "master", "br0"])?;
+            backends.push(backend);
+        }
+        let cpu = |backends: &[RunningBackend]| -> anyhow::Result<u64> {
+            backends.iter().map(|b| b.cgroup().usage_ns()).sum()
+        };
+        let mut receiver = self.spawn_guest(
+            backends[0].socket(),
+            RECEIVER_MAC,
+            &format!(
+                "scenario=net-recv ip=10.0.0.2 count={VM_FRAMES} port=5001 seconds={VM_RECV_SECONDS}"
+            ),
+        )?;
+        wait_for_output(&mut receiver, "net-recv listening", STEP_TIMEOUT)?;
+        let cpu_before = cpu(&backends)?;
+        let mut sender = self.spawn_guest(
+            backends[1].socket(),
+            SENDER_MAC,
+            &format!(
+                "scenario=net-send dst_mac={RECEIVER_MAC} dst_ip=10.0.0.2 ip=10.0.0.3 \
+                 count={VM_FRAMES} size={size} port=5001"
+            ),
+        )?;
+        let sent = sender.wait_timeout(STEP_TIMEOUT);
+        let cpu_ns = cpu(&backends)?.saturating_sub(cpu_before);
+        let send_out = sender.stdout();
+        if sent.is_err() || !send_out.contains("PASS net-send") {
+            bail!(
+                "the sending guest did not finish ({sent:?}); serial:\n{send_out}\nVMM: {}\nbackend: {}",
+                tail(&sender.stderr()),
+                tail(&backends[1].output())
+            );
+        }
+        let received = receiver.wait_timeout(STEP_TIMEOUT + Duration::from_secs(VM_RECV_SECONDS));
+        let recv_out = receiver.stdout();
+        let good = field_of(&recv_out, "net-recv received=", "good");
+        let us = field_of(&recv_out, "net-recv tsc_ticks=", "us");
+        let (Some(good), Some(us)) = (good, us) else {
+            bail!(
+                "the receiving guest did not report ({received:?}); serial:\n{recv_out}\nVMM: {}\nbackend: {}",
+                tail(&receiver.stderr()),
+                tail(&backends[0].output())
+            );
+        };
+        if good == 0 || us == 0 {
+            bail!("the receiving guest got {good} good frames in {us} us:\n{recv_out}");
+        }
+        drop(sender);
+        drop(receiver);
+        drop(backends);
+        Ok(VmSample {
+            pps: good as f64 / (us as f64 / 1e6),
+            delivered_pct: good as f64 * 100.0 / VM_FRAMES as f64,
+            cpu_ns_per_packet: cpu_ns as f64 / good as f64,
+        })
+    }
+
+    /// A ferrovirt-vmm running the test guest with `cmdline` and one NIC on `socket`; its
+    /// serial console goes to its stdout file.
+    fn spawn_guest(
+        &self,
+        socket: &Path,
+        mac: &str,
+        cmdline: &str,
+    ) -> anyhow::Result<GuardedProcess> {
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("--kernel")
+            .arg(&self.guest)
+            .args(["--memory", "64", "--cmdline", cmdline, "--net"])
+            .arg(format!("socket={},mac={mac}", socket.display()));
+        let out = socket.with_extension("vmm-out");
+        Ok(GuardedProcess::spawn(
+            cmd,
+            &out,
+            &out.with_extension("vmm-err"),
+        )?)
+    }
+}
+
+/// Waits until `process` has written `needle` to its stdout.
+fn wait_for_output(
+    process: &mut GuardedProcess,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !process.stdout().contains(needle) {
+        if process.try_exit()?.is_some() || Instant::now() > deadline {
+            bail!(
+                "no {needle:?} within {timeout:?}; serial:\n{}\nstderr: {}",
+                process.stdout(),
+                tail(&process.stderr())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// The last lines of a process's output, for error messages.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// The number after `key=` on the first line of `output` that contains `line_start`
+/// (`net-recv received=5 good=5 ...`, key `good` → 5).
+fn field_of(output: &str, line_start: &str, key: &str) -> Option<u64> {
+    let line = output.lines().find(|l| l.contains(line_start))?;
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 /// A frame of `len` bytes: locally administered unicast MACs, our ethertype, a counting
@@ -886,6 +1081,21 @@ mod tests {
         assert_eq!(rx_packets_of(text, "btap1"), Some(100_000));
         assert_eq!(rx_packets_of(text, "lo"), Some(0));
         assert_eq!(rx_packets_of(text, "btap"), None);
+    }
+
+    #[test]
+    fn guest_report_fields_are_read_from_their_line() {
+        let serial = "testguest: net-recv listening ip=10.0.0.2 port=5001 count=100\n\
+            testguest: net-recv received=95431 good=95430 bad=1 lost=4569\n\
+            testguest: net-recv tsc_ticks=1931352174 us=386270\n";
+        assert_eq!(field_of(serial, "net-recv received=", "good"), Some(95_430));
+        assert_eq!(
+            field_of(serial, "net-recv received=", "received"),
+            Some(95_431)
+        );
+        assert_eq!(field_of(serial, "net-recv tsc_ticks=", "us"), Some(386_270));
+        assert_eq!(field_of(serial, "net-recv tsc_ticks=", "good"), None);
+        assert_eq!(field_of(serial, "net-send sent=", "us"), None);
     }
 
     #[test]
