@@ -21,7 +21,7 @@ use std::io::{Read, Seek};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -133,6 +133,9 @@ struct CaseSample {
     cpu_ns_per_packet: f64,
     /// Backend CPU time / wall time: 1.0 is one core kept busy.
     backend_cores: f64,
+    /// CPU per frame of the bench thread that drives the virtqueues (or, for the kernel
+    /// path, reads or writes the TAP).
+    mover_cpu_ns_per_packet: f64,
 }
 
 fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
@@ -152,10 +155,20 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             "cores",
             Better::Lower,
         );
+        let mut driver = Samples::new(
+            &format!("{}_driver_cpu_per_packet", case.name),
+            "ns",
+            Better::Lower,
+        );
         let mut floor = Samples::new(
             &format!("{}_pps_vs_kernel_tap", case.name),
             "frames/s",
             Better::Higher,
+        );
+        let mut floor_cpu = Samples::new(
+            &format!("{}_cpu_per_packet_vs_kernel_tap", case.name),
+            "ns",
+            Better::Lower,
         );
         for round in 0..config.rounds {
             for side in round_order(round) {
@@ -174,8 +187,10 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                 mbit.push(side, s.mbit_s);
                 cpu.push(side, s.cpu_ns_per_packet);
                 cores.push(side, s.backend_cores);
+                driver.push(side, s.mover_cpu_ns_per_packet);
                 if side == Side::Ferrovirt {
                     floor.push(side, s.pps);
+                    floor_cpu.push(side, s.cpu_ns_per_packet);
                 }
             }
             let k = setup
@@ -183,16 +198,19 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                 .with_context(|| format!("case {} (kernel TAP path)", case.name))?;
             eprintln!("net: {} KernelTap: {:.0} frames/s", case.name, k.pps);
             floor.push(Side::Peer, k.pps);
+            floor_cpu.push(Side::Peer, k.mover_cpu_ns_per_packet);
         }
         eprintln!("net: case {} done", case.name);
-        for samples in [&pps, &mbit, &cpu, &cores] {
+        for samples in [&pps, &mbit, &cpu, &cores, &driver] {
             rows.push(samples.summarize("dpdk-testpmd").context("no samples")?);
         }
-        rows.push(
-            floor
-                .summarize("kernel TAP read/write")
-                .context("no samples")?,
-        );
+        for samples in [&floor, &floor_cpu] {
+            rows.push(
+                samples
+                    .summarize("kernel TAP read/write")
+                    .context("no samples")?,
+            );
+        }
         goals.push(Goal::ratio_at_least(
             &format!("{}_pps", case.name),
             0.7,
@@ -282,7 +300,11 @@ fn notes() -> Vec<String> {
             .into(),
         "*_pps_vs_kernel_tap: the floor, with no vhost-user: the bench holds the TAP's fd and \
          writes one frame per write(2) (tx, counted at the TAP) or reads one per read(2) while \
-         the same injector sends (rx, counted by the reader)."
+         the same injector sends (rx, counted by the reader); *_cpu_per_packet_vs_kernel_tap \
+         sets the backend's CPU per frame against that one bench thread's."
+            .into(),
+        "*_driver_cpu_per_packet: the driver thread's own CPU per frame (its schedstat), to \
+         show whether the driver rather than the backend was the limit."
             .into(),
         format!(
             "vm2vm_*: two ferrovirt-vmm test guests (`--memory 64 --net socket=SOCK,mac=MAC`), \
@@ -472,21 +494,25 @@ impl Setup {
         let frame = test_frame(case.frame_len);
         let stop = AtomicBool::new(false);
         let delivered = AtomicU64::new(0);
+        let mover_tid = AtomicI32::new(0);
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
         let mut failed_output = String::new();
         let tap_fd = match path {
             DataPath::KernelTap => Some(open_tap_fd(&netns, &tap)?),
             _ => None,
         };
-        let window = std::thread::scope(|scope| -> anyhow::Result<(u64, u64, Duration)> {
+        let window = std::thread::scope(|scope| -> anyhow::Result<Window> {
             let stop = &stop;
             let delivered = &delivered;
             let frame = &frame;
+            let mover_tid = &mover_tid;
             let mover = {
                 let socket = backend.as_ref().map(|b| b.socket().to_path_buf());
                 let tap_fd = tap_fd.as_ref();
                 let ready = ready_tx.clone();
                 scope.spawn(move || -> anyhow::Result<()> {
+                    // SAFETY: gettid has no preconditions.
+                    mover_tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                     let result = match (socket, tap_fd) {
                         (Some(socket), _) => drive_virtqueues(
                             &socket,
@@ -514,7 +540,7 @@ impl Setup {
                 let tap = tap.clone();
                 scope.spawn(move || inject(&netns_path, &tap, frame, stop))
             });
-            let outcome = (|| -> anyhow::Result<(u64, u64, Duration)> {
+            let outcome = (|| -> anyhow::Result<Window> {
                 match ready_rx.recv_timeout(STEP_TIMEOUT) {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(e),
@@ -530,13 +556,18 @@ impl Setup {
                 let cpu = |b: &Option<RunningBackend>| -> anyhow::Result<u64> {
                     b.as_ref().map_or(Ok(0), |b| b.cgroup().usage_ns())
                 };
+                let mover = mover_tid.load(Ordering::Relaxed);
                 let mut counters = counters;
                 let start = Instant::now();
-                let (c0, cpu0) = (count(&mut counters)?, cpu(&backend)?);
+                let (c0, cpu0, m0) = (count(&mut counters)?, cpu(&backend)?, thread_cpu_ns(mover)?);
                 std::thread::sleep(RUN_TIME);
-                let (c1, cpu1) = (count(&mut counters)?, cpu(&backend)?);
-                let elapsed = start.elapsed();
-                Ok((c1.saturating_sub(c0), cpu1.saturating_sub(cpu0), elapsed))
+                let (c1, cpu1, m1) = (count(&mut counters)?, cpu(&backend)?, thread_cpu_ns(mover)?);
+                Ok(Window {
+                    elapsed: start.elapsed(),
+                    frames: c1.saturating_sub(c0),
+                    backend_cpu_ns: cpu1.saturating_sub(cpu0),
+                    mover_cpu_ns: m1.saturating_sub(m0),
+                })
             })();
             stop.store(true, Ordering::Relaxed);
             if outcome.is_err() {
@@ -558,7 +589,12 @@ impl Setup {
             moved?;
             Ok(window)
         });
-        let (frames, cpu_ns, elapsed) = match window {
+        let Window {
+            elapsed,
+            frames,
+            backend_cpu_ns: cpu_ns,
+            mover_cpu_ns,
+        } = match window {
             Ok(w) => w,
             Err(e) => {
                 let output = backend
@@ -587,8 +623,27 @@ impl Setup {
             mbit_s: pps * case.frame_len as f64 * 8.0 / 1e6,
             cpu_ns_per_packet,
             backend_cores,
+            mover_cpu_ns_per_packet: mover_cpu_ns as f64 / frames as f64,
         })
     }
+}
+
+/// One timed window: its length, the frames counted in it and the CPU spent.
+struct Window {
+    elapsed: Duration,
+    frames: u64,
+    backend_cpu_ns: u64,
+    mover_cpu_ns: u64,
+}
+
+/// Nanoseconds thread `tid` of this process has run (the first field of its schedstat).
+fn thread_cpu_ns(tid: i32) -> anyhow::Result<u64> {
+    let path = format!("/proc/self/task/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{path} does not start with a number: {text:?}"))
 }
 
 /// What one VM-to-VM transfer measured.
