@@ -65,6 +65,14 @@ impl CpuCgroup {
         }
     }
 
+    /// Moves the running process `pid` (every thread of it) into this cgroup, for peers
+    /// that a harness starts itself; only CPU used from now on counts.
+    pub fn adopt(&self, pid: i32) -> anyhow::Result<()> {
+        let procs = self.dir.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string())
+            .with_context(|| format!("cannot move process {pid} into {}", procs.display()))
+    }
+
     /// Nanoseconds of CPU used by every task that has been in the cgroup.
     pub fn usage_ns(&self) -> anyhow::Result<u64> {
         let path = self.dir.join("cpuacct.usage");
@@ -105,6 +113,29 @@ mod tests {
         assert!(
             used > 10_000_000,
             "the finished subshell's CPU must count: {used} ns"
+        );
+    }
+
+    #[test]
+    fn an_adopted_process_is_counted_from_then_on() {
+        let cgroup = CpuCgroup::create("adopt").unwrap();
+        // Waits for a line on stdin, then burns CPU and exits.
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "read x; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        cgroup.adopt(child.id() as i32).unwrap();
+        assert!(cgroup.usage_ns().unwrap() < 10_000_000);
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        let used = cgroup.usage_ns().unwrap();
+        assert!(
+            used > 10_000_000,
+            "the adopted shell's CPU must count: {used} ns"
         );
     }
 }
