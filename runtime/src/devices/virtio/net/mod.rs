@@ -300,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_that_accepts_and_never_answers_is_a_timeout_not_a_hang() {
+        let dir = ScratchDir::new("net-silent").unwrap();
+        let socket = dir.join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Accepts, then keeps the connection open without reading or answering.
+        let silent = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let started = Instant::now();
+        let err = VhostUserNet::new(&socket, params(1))
+            .err()
+            .expect("connected to a silent backend");
+        assert!(
+            matches!(&err, NetError::VhostUser(e) if e.is_unresponsive()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("did not answer"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(silent.join().unwrap());
+    }
+
+    #[test]
     fn a_backend_with_fewer_queues_than_pairs_needs_is_refused() {
         let backend = Backend::start("net-toofew", 1);
         let err = VhostUserNet::new(backend.socket(), params(MAX_QUEUE_PAIRS))
@@ -595,10 +615,16 @@ mod tests {
         let mut backend = Backend::start("net-restart", 1);
         let net = VhostUserNet::new(backend.socket(), params(1)).unwrap();
         let metrics = net.metrics();
+        let rings = net.ring_control();
         let (d, _ram) = driver(net);
         let guest = d.guest();
         let queues = start(&d, &guest, VERSION_1, 3);
         let tx = &queues[1];
+        assert_eq!(
+            rings.inflight_region(),
+            None,
+            "virtio-net does not ask for INFLIGHT_SHMFD"
+        );
         let first = frame([0xff; 6], MAC, b"before-crash");
         let tap = backend.tap();
         transmit(&d, tx, 0, &first);
@@ -640,5 +666,60 @@ mod tests {
             backend.log()
         );
         assert_eq!(connection_count(&metrics.connection.backend_errors), 0);
+    }
+
+    /// Stops a process (SIGSTOP) and lets it go on (SIGCONT) on drop, so a failing test
+    /// does not leave a frozen backend that ignores the harness's SIGTERM.
+    struct Frozen(nix::unistd::Pid);
+
+    impl Frozen {
+        fn stop(pid: i32) -> Frozen {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            Frozen(pid)
+        }
+    }
+
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
+    #[test]
+    fn driver_ok_returns_when_the_backend_stops_answering_and_the_rings_go_to_its_return() {
+        let backend = Backend::start("net-frozen", 1);
+        let net = VhostUserNet::new(backend.socket(), params(1)).unwrap();
+        let metrics = net.metrics();
+        let (d, _ram) = driver(net);
+        let guest = d.guest();
+        let frozen = Frozen::stop(backend.pmd.as_ref().unwrap().pid());
+        // The vCPU's status write waits for the backend's acknowledgement, bounded by the
+        // watchdog; DRIVER_OK is accepted and the rings wait for a backend that answers.
+        let started = Instant::now();
+        let queues = start(&d, &guest, VERSION_1, 3);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "DRIVER_OK took {took:?}");
+        wait_until("the silent backend disconnected", || {
+            connection_count(&metrics.connection.disconnects) == 1
+        });
+        assert!(connection_count(&metrics.connection.backend_errors) >= 1);
+        assert_eq!(d.read(LINK_STATUS, 2), 0, "no answering backend, no link");
+
+        drop(frozen);
+        wait_until("reconnected", || {
+            connection_count(&metrics.connection.reconnects) == 1
+        });
+        assert_eq!(d.read(LINK_STATUS, 2), 1, "link up again");
+        let tap = backend.tap();
+        let sent = frame([0xff; 6], MAC, b"after-thaw");
+        transmit(&d, &queues[1], 0, &sent);
+        kick(&d, 1);
+        assert!(
+            tap.receive_matching(Duration::from_secs(10), |f| f == sent.as_slice())
+                .is_some(),
+            "the thawed backend took the rings over:\n{}",
+            backend.log()
+        );
     }
 }
