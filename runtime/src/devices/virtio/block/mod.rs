@@ -40,23 +40,17 @@ impl BlockError {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use ferrovirt_tests::{ScratchDir, StorageDaemon, VhostBlkBackend};
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::bus::Bus;
-    use crate::devices::pci::PciRoot;
-    use crate::devices::pci::testing::TestVm;
     use crate::devices::virtio::testing::*;
     use crate::devices::virtio::vhost_user::VhostUserMetrics;
-    use crate::devices::virtio::{TYPE_BLOCK, VirtioDevice, add_virtio_device};
+    use crate::devices::virtio::{TYPE_BLOCK, VirtioDevice};
     use crate::memory::GuestRam;
 
     const IMAGE_SIZE: u64 = 8 << 20;
@@ -113,27 +107,7 @@ mod tests {
 
     /// A driver on a real KVM VM whose RAM is a memfd the backend can map.
     fn driver(device: VhostUserBlk) -> (TestDriver, GuestRam) {
-        let vm = TestVm::new();
-        let ram = GuestRam::new(MEM_SIZE, false).unwrap();
-        vm.map_memory(&ram.memory.memory());
-        let mmio = Arc::new(Bus::new());
-        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
-        let bdf =
-            add_virtio_device(&root, Box::new(device), &vm.router, ram.memory.clone()).unwrap();
-        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
-        let driver = TestDriver {
-            vm,
-            root,
-            mmio,
-            mem: ram.memory.clone(),
-            bar0,
-            slot: bdf.device,
-        };
-        (driver, ram)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+        TestDriver::with_shared_memory(Box::new(device))
     }
 
     /// Writes request `n` (descriptors 3n..3n+2: header, one sector of data, status) and

@@ -38,7 +38,6 @@ pub enum NetError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
 
@@ -49,17 +48,12 @@ mod tests {
         VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
     };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::bus::Bus;
-    use crate::devices::pci::PciRoot;
-    use crate::devices::pci::testing::TestVm;
     use crate::devices::virtio::testing::*;
     use crate::devices::virtio::vhost_user::VhostUserMetrics;
-    use crate::devices::virtio::{TYPE_NET, VirtioDevice, add_virtio_device};
+    use crate::devices::virtio::{TYPE_NET, VirtioDevice};
     use crate::memory::GuestRam;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xfe, 0x01, 0x02];
@@ -130,27 +124,7 @@ mod tests {
 
     /// A driver on a real KVM VM whose RAM is a memfd the backend can map.
     fn driver(device: VhostUserNet) -> (TestDriver, GuestRam) {
-        let vm = TestVm::new();
-        let ram = GuestRam::new(MEM_SIZE, false).unwrap();
-        vm.map_memory(&ram.memory.memory());
-        let mmio = Arc::new(Bus::new());
-        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
-        let bdf =
-            add_virtio_device(&root, Box::new(device), &vm.router, ram.memory.clone()).unwrap();
-        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
-        let driver = TestDriver {
-            vm,
-            root,
-            mmio,
-            mem: ram.memory.clone(),
-            bar0,
-            slot: bdf.device,
-        };
-        (driver, ram)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+        TestDriver::with_shared_memory(Box::new(device))
     }
 
     fn buffer(n: u16) -> u64 {
