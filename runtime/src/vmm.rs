@@ -23,9 +23,10 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialDevice, SerialError};
-use crate::devices::virtio::block::{BlockError, BlockMetrics, VhostUserBlk};
+use crate::devices::virtio::block::{BlockError, VhostUserBlk};
 use crate::devices::virtio::net::{NetError, NetMetrics, NetParams, VhostUserNet};
 use crate::devices::virtio::rng::{Rng, RngError, RngMetrics};
+use crate::devices::virtio::vhost_user::VhostUserMetrics;
 use crate::devices::virtio::{VirtioError, add_virtio_device};
 use crate::layout::{
     ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUGCON_PORT, I8042_PORT,
@@ -156,7 +157,7 @@ struct BuiltDevices {
     serial: Arc<SerialDevice>,
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
-    disk_metrics: Vec<Arc<BlockMetrics>>,
+    disk_metrics: Vec<Arc<VhostUserMetrics>>,
     net_metrics: Vec<Arc<NetMetrics>>,
     pci: Arc<PciRoot>,
     router: Arc<InterruptRouter>,
@@ -168,7 +169,7 @@ pub struct Vm {
     serial: Arc<SerialDevice>,
     debugcon: Arc<DebugConsole>,
     rng_metrics: Option<Arc<RngMetrics>>,
-    disk_metrics: Vec<Arc<BlockMetrics>>,
+    disk_metrics: Vec<Arc<VhostUserMetrics>>,
     net_metrics: Vec<Arc<NetMetrics>>,
     _pci: Arc<PciRoot>,
     _router: Arc<InterruptRouter>,

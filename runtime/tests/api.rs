@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use common::json;
 use ferrovirt_tests::{VmmProcess, testguest};
+
+mod common;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -35,10 +38,6 @@ fn create(vmm: &VmmProcess, kernel: &std::path::Path, cmdline: &str) {
     .to_string();
     let (status, body) = vmm.api("PUT", "/api/v1/vm.create", Some(&config)).unwrap();
     assert_eq!(status, 204, "{body}");
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 fn ticks(out: &str) -> usize {

@@ -3,11 +3,12 @@
 //! ends the VMM with a clear message.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
+use common::{TIMEOUT, boot_ticker_through_the_api, json, wait_for_counter};
 use ferrovirt_tests::{ScratchDir, StorageDaemon, VmmProcess, testguest};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
+
 const IMAGE_SIZE: u64 = 4 << 20;
 
 /// A raw image in a scratch directory and qemu-storage-daemon serving it.
@@ -33,26 +34,6 @@ fn disk(label: &str) -> Disk {
         socket,
         _dir: dir,
     }
-}
-
-/// Polls `vm.counters` until `disk0.<counter>` reaches `value`.
-fn wait_for_disk_counter(vmm: &VmmProcess, counter: &str, value: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = vmm.api("GET", "/api/v1/vm.counters", None).unwrap();
-        if json(&body)["disk0"][counter] == value {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "disk0.{counter} never reached {value}: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 #[test]
@@ -82,22 +63,11 @@ fn a_disk_flag_puts_a_virtio_blk_function_on_the_guest_pci_bus() {
 #[test]
 fn disks_from_the_api_report_their_counters() {
     let d = disk("blk-api");
-    let mut vmm = VmmProcess::builder("blk-api")
-        .unwrap()
-        .with_api_socket()
-        .spawn()
-        .unwrap();
-    vmm.wait_for_api(TIMEOUT).unwrap();
-    let config = serde_json::json!({
-        "memory": {"size_mib": 64},
-        "payload": {"kernel": testguest(), "cmdline": "scenario=ticker"},
-        "disks": [{"socket": d.socket}],
-    })
-    .to_string();
-    let (status, body) = vmm.api("PUT", "/api/v1/vm.create", Some(&config)).unwrap();
-    assert_eq!(status, 204, "{body}");
-    let (status, body) = vmm.api("PUT", "/api/v1/vm.boot", None).unwrap();
-    assert_eq!(status, 204, "{body}");
+    let mut vmm = boot_ticker_through_the_api(
+        "blk-api",
+        "disks",
+        serde_json::json!([{"socket": d.socket}]),
+    );
     let (_, body) = vmm.api("GET", "/api/v1/vm.info", None).unwrap();
     assert_eq!(
         json(&body)["config"]["disks"][0]["socket"],
@@ -134,12 +104,12 @@ fn the_vmm_survives_a_backend_crash_and_reconnects_to_its_successor() {
     vmm.wait_for_api(TIMEOUT).unwrap();
 
     d.daemon.take().unwrap().crash().unwrap();
-    wait_for_disk_counter(&vmm, "disconnects", 1);
+    wait_for_counter(&vmm, "disk0", "disconnects", 1);
     let (status, _) = vmm.api("GET", "/api/v1/vm.info", None).unwrap();
     assert_eq!(status, 200, "the VM runs on without its backend");
 
     d.daemon = Some(StorageDaemon::start(&d.image, &d.socket, 1).unwrap());
-    wait_for_disk_counter(&vmm, "reconnects", 1);
+    wait_for_counter(&vmm, "disk0", "reconnects", 1);
     assert_eq!(vmm.api("PUT", "/api/v1/vmm.shutdown", None).unwrap().0, 204);
     let status = vmm.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(status.code(), Some(0), "{}", vmm.stderr_output());

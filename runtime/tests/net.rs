@@ -3,11 +3,11 @@
 //! and survives a backend restart, and bad net input ends the VMM with a clear message.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
+use common::{TIMEOUT, boot_ticker_through_the_api, json, wait_for_counter};
 use ferrovirt_tests::{NetNs, ScratchDir, Testpmd, VmmProcess, testguest};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
 /// testpmd in its own netns, its socket in a scratch directory.
 struct Backend {
@@ -27,26 +27,6 @@ fn backend(label: &str) -> Backend {
         socket,
         netns,
         _dir: dir,
-    }
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-/// Polls `vm.counters` until `net0.<counter>` reaches `value`.
-fn wait_for_net_counter(vmm: &VmmProcess, counter: &str, value: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = vmm.api("GET", "/api/v1/vm.counters", None).unwrap();
-        if json(&body)["net0"][counter] == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "net0.{counter} never reached {value}: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -78,22 +58,8 @@ fn a_net_flag_puts_a_virtio_net_function_on_the_guest_pci_bus() {
 #[test]
 fn nets_from_the_api_report_their_counters_across_a_backend_restart() {
     let mut b = backend("net-api");
-    let mut vmm = VmmProcess::builder("net-api")
-        .unwrap()
-        .with_api_socket()
-        .spawn()
-        .unwrap();
-    vmm.wait_for_api(TIMEOUT).unwrap();
-    let config = serde_json::json!({
-        "memory": {"size_mib": 64},
-        "payload": {"kernel": testguest(), "cmdline": "scenario=ticker"},
-        "nets": [{"socket": b.socket}],
-    })
-    .to_string();
-    let (status, body) = vmm.api("PUT", "/api/v1/vm.create", Some(&config)).unwrap();
-    assert_eq!(status, 204, "{body}");
-    let (status, body) = vmm.api("PUT", "/api/v1/vm.boot", None).unwrap();
-    assert_eq!(status, 204, "{body}");
+    let mut vmm =
+        boot_ticker_through_the_api("net-api", "nets", serde_json::json!([{"socket": b.socket}]));
     let (_, body) = vmm.api("GET", "/api/v1/vm.info", None).unwrap();
     let net0 = &json(&body)["config"]["nets"][0];
     assert_eq!(net0["socket"], b.socket.to_str().unwrap());
@@ -114,9 +80,9 @@ fn nets_from_the_api_report_their_counters_across_a_backend_restart() {
     }
 
     b.pmd.take().unwrap().crash().unwrap();
-    wait_for_net_counter(&vmm, "disconnects", 1);
+    wait_for_counter(&vmm, "net0", "disconnects", 1);
     b.pmd = Some(Testpmd::start(&b.netns, &b.socket, 1).unwrap_or_else(|e| panic!("{e}")));
-    wait_for_net_counter(&vmm, "reconnects", 1);
+    wait_for_counter(&vmm, "net0", "reconnects", 1);
     assert_eq!(vmm.api("PUT", "/api/v1/vmm.shutdown", None).unwrap().0, 204);
     let status = vmm.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(status.code(), Some(0), "{}", vmm.stderr_output());

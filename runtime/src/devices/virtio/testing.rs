@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
@@ -11,7 +13,7 @@ use super::{VirtioDevice, add_virtio_device};
 use crate::devices::bus::Bus;
 use crate::devices::pci::PciRoot;
 use crate::devices::pci::testing::TestVm;
-use crate::memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use crate::memory::{GuestMemoryAtomic, GuestMemoryMmap, GuestRam};
 
 pub const MEM_SIZE: u64 = 16 << 20;
 
@@ -72,6 +74,27 @@ impl TestDriver {
             bar0,
             slot: bdf.device,
         }
+    }
+
+    /// A driver for a vhost-user device: guest RAM is a memfd the backend can map. The
+    /// RAM must outlive the driver.
+    pub fn with_shared_memory(device: Box<dyn VirtioDevice>) -> (TestDriver, GuestRam) {
+        let vm = TestVm::new();
+        let ram = GuestRam::new(MEM_SIZE, false).expect("memfd guest RAM");
+        vm.map_memory(&ram.memory.memory());
+        let mmio = Arc::new(Bus::new());
+        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
+        let bdf = add_virtio_device(&root, device, &vm.router, ram.memory.clone()).expect("plug");
+        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
+        let driver = TestDriver {
+            vm,
+            root,
+            mmio,
+            mem: ram.memory.clone(),
+            bar0,
+            slot: bdf.device,
+        };
+        (driver, ram)
     }
 
     pub fn guest(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
@@ -199,4 +222,9 @@ impl<'a> DriverQueue<'a> {
             rings,
         }
     }
+}
+
+/// A split-ring descriptor as the driver writes it.
+pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
 }

@@ -1,96 +1,156 @@
-//! The virtio-blk device whose data path is a vhost-user backend: the VMM only sets the
-//! rings up; requests go from the guest to the backend and back through eventfds.
+//! The virtio-blk device whose data path is a vhost-user backend: the VMM only reads the
+//! disk's configuration and sets the rings up through the shared vhost-user frontend;
+//! requests go from the guest to the backend and back through eventfds.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
-use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::backend::{Backend, CONFIG_SIZE, Ring, Rings};
-use super::reconnect::Monitor;
-use super::{BlockError, BlockMetrics, QUEUE_SIZE};
+use super::{BlockError, QUEUE_SIZE};
+use crate::devices::virtio::pci::MAX_QUEUES;
+use crate::devices::virtio::vhost_user::{
+    BackendHooks, Connection, FrontendSpec, Ring, Rings, VhostUserError, VhostUserFrontend,
+    VhostUserMetrics,
+};
 use crate::devices::virtio::{Activation, TYPE_BLOCK, VirtioDevice, VirtioError};
 
-/// The connection and the running rings, shared with the reconnect thread.
-pub(super) struct Session {
-    /// `None` while the backend is gone and the reconnect thread is knocking.
-    pub backend: Option<Backend>,
-    /// The driver's rings from DRIVER_OK until reset, handed to every new connection.
-    pub rings: Option<Rings>,
-}
+/// struct virtio_blk_config up to and including the write-zeroes fields (virtio 1.2
+/// §5.2.4); secure-erase and zoned fields follow, and their features are not offered.
+pub(super) const CONFIG_SIZE: usize = 60;
+/// Offset of `num_queues` in the configuration space.
+const CONFIG_NUM_QUEUES: usize = 34;
+/// Offset of `writeback` (VIRTIO_BLK_F_CONFIG_WCE).
+const CONFIG_WRITEBACK: usize = 32;
 
-pub(super) struct Shared {
-    pub socket: PathBuf,
-    pub session: Mutex<Session>,
-    pub metrics: Arc<BlockMetrics>,
-}
+/// Feature bits passed from the backend to the guest: the virtio-blk features whose
+/// configuration fields fit [`CONFIG_SIZE`], and the split-ring features the transport
+/// handles. No packed rings and no ACCESS_PLATFORM: the transport has neither.
+pub(super) const GUEST_FEATURES: u64 = 1 << VIRTIO_BLK_F_SIZE_MAX
+    | 1 << VIRTIO_BLK_F_SEG_MAX
+    | 1 << VIRTIO_BLK_F_GEOMETRY
+    | 1 << VIRTIO_BLK_F_RO
+    | 1 << VIRTIO_BLK_F_BLK_SIZE
+    | 1 << VIRTIO_BLK_F_FLUSH
+    | 1 << VIRTIO_BLK_F_TOPOLOGY
+    | 1 << VIRTIO_BLK_F_CONFIG_WCE
+    | 1 << VIRTIO_BLK_F_MQ
+    | 1 << VIRTIO_BLK_F_DISCARD
+    | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_RING_F_EVENT_IDX;
 
-impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, Session> {
-        // A panic elsewhere while holding the lock leaves consistent data: every field is
-        // replaced whole.
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
+fn spec() -> FrontendSpec {
+    FrontendSpec {
+        kind: "vhost-user-blk",
+        queue_size: QUEUE_SIZE,
+        // INFLIGHT_SHMFD: a restarted backend resubmits the requests its predecessor had
+        // in flight, in any order, instead of relying on in-order completion.
+        wanted_protocol: VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::CONFIG,
+        required_protocol: VhostUserProtocolFeatures::CONFIG,
+        required_protocol_reason: "the VMM needs it to read the disk's size",
+        default_queue_count: 1,
     }
 }
 
-impl Session {
-    /// Counts a failed request to the backend; one that timed out disconnects it, so the
-    /// monitor redials it and hands it the rings as after a crash.
-    pub fn backend_failed(&mut self, metrics: &BlockMetrics, error: &BlockError) {
-        BlockMetrics::add(&metrics.backend_errors, 1);
-        tracing::warn!("{error}");
-        if error.is_unresponsive()
-            && let Some(backend) = self.backend.take()
-        {
-            backend.abandon();
+/// The virtio-blk steps of every (re)connection.
+struct BlockHooks {
+    /// The device's queue count, settled at the first connection: what the inflight
+    /// region covers.
+    queue_count: OnceLock<u16>,
+}
+
+impl BackendHooks for BlockHooks {
+    fn backend_features(&self, connection: &Connection, driver_features: u64) -> u64 {
+        driver_features & (connection.features() | GUEST_FEATURES | 1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn inflight_queue_count(&self, connection: &Connection) -> u16 {
+        match self.queue_count.get() {
+            Some(&count) => count,
+            None => connection.queue_count().clamp(1, MAX_QUEUES as u64) as u16,
         }
     }
 }
 
 /// A vhost-user-blk disk: a virtio-blk device served by the backend behind a socket.
 pub struct VhostUserBlk {
-    shared: Arc<Shared>,
+    frontend: VhostUserFrontend,
     queue_sizes: Vec<u16>,
     features: u64,
     config: [u8; CONFIG_SIZE],
-    /// Watches the connection and reconnects; stopped and joined on drop.
-    _monitor: Monitor,
 }
 
 impl VhostUserBlk {
     /// Connects to the backend listening on `socket`, negotiates with it and reads the
     /// disk's configuration (capacity, block size, queue count).
     pub fn new(socket: impl AsRef<Path>) -> Result<VhostUserBlk, BlockError> {
-        let socket = socket.as_ref().to_path_buf();
-        let backend = Backend::connect(&socket)?;
-        let queue_sizes = vec![QUEUE_SIZE; backend.queue_count()];
-        let features = backend.guest_features();
-        let config = *backend.config();
-        let shared = Arc::new(Shared {
-            socket,
-            session: Mutex::new(Session {
-                backend: Some(backend),
-                rings: None,
-            }),
-            metrics: Arc::new(BlockMetrics::default()),
+        let hooks = Arc::new(BlockHooks {
+            queue_count: OnceLock::new(),
         });
-        let monitor = Monitor::spawn(shared.clone())?;
+        let metrics = Arc::new(VhostUserMetrics::default());
+        let frontend = VhostUserFrontend::connect(socket, spec(), hooks.clone(), metrics)?;
+        let (bytes, backend_features, backend_queues) = frontend
+            .with_connection(|c| {
+                let bytes = c.get_config(CONFIG_SIZE)?;
+                Ok::<_, VhostUserError>((bytes, c.features(), c.queue_count()))
+            })
+            .ok_or_else(|| BlockError::Gone(frontend.socket().to_owned()))??;
+        let mut config = [0u8; CONFIG_SIZE];
+        match bytes.get(..CONFIG_SIZE) {
+            Some(bytes) => config.copy_from_slice(bytes),
+            None => {
+                return Err(BlockError::ShortConfig {
+                    socket: frontend.socket().to_owned(),
+                    got: bytes.len(),
+                });
+            }
+        }
+
+        let config_queues = if backend_features & 1 << VIRTIO_BLK_F_MQ != 0 {
+            let at = CONFIG_NUM_QUEUES;
+            u64::from(u16::from_le_bytes([config[at], config[at + 1]]))
+        } else {
+            1
+        };
+        let queue_count = config_queues
+            .min(backend_queues)
+            .clamp(1, MAX_QUEUES as u64) as u16;
+        let _ = hooks.queue_count.set(queue_count);
+        // The guest sees exactly the queues the device has.
+        config[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2]
+            .copy_from_slice(&queue_count.to_le_bytes());
+        let features = backend_features & GUEST_FEATURES;
+        tracing::debug!(
+            socket = %frontend.socket().display(),
+            features = format_args!("{features:#x}"),
+            queues = queue_count,
+            "vhost-user-blk device ready"
+        );
         Ok(VhostUserBlk {
-            shared,
-            queue_sizes,
+            frontend,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(queue_count)],
             features,
             config,
-            _monitor: monitor,
         })
     }
 
-    pub fn metrics(&self) -> Arc<BlockMetrics> {
-        self.shared.metrics.clone()
+    pub fn metrics(&self) -> Arc<VhostUserMetrics> {
+        self.frontend.metrics()
     }
 
     pub fn socket(&self) -> &Path {
-        &self.shared.socket
+        self.frontend.socket()
     }
 
     /// The disk size in 512-byte sectors, as the backend reported it.
@@ -102,35 +162,30 @@ impl VhostUserBlk {
 
     /// Whether the backend is connected right now.
     pub fn is_connected(&self) -> bool {
-        self.shared.lock().backend.is_some()
+        self.frontend.is_connected()
     }
 
-    fn rings(activation: Activation) -> Result<Rings, BlockError> {
-        let mut queues = Vec::with_capacity(activation.queues.len());
-        for q in activation.queues {
-            let call = match activation.interrupt.queue_irqfd(q.index) {
-                Some(irqfd) => irqfd.try_clone(),
-                // No vector: the driver polls; the backend signals an eventfd nobody reads.
-                None => EventFd::new(EFD_NONBLOCK),
-            }
-            .map_err(BlockError::EventFd)?;
-            queues.push(Ring {
-                index: q.index,
-                size: q.queue.size(),
-                desc: q.queue.desc_table(),
-                avail: q.queue.avail_ring(),
-                used: q.queue.used_ring(),
-                next_avail: q.queue.next_avail(),
-                kick: q.kick,
-                call,
-            });
-        }
-        Ok(Rings {
-            mem: activation.mem,
-            features: activation.features,
+    /// A handle on the running rings, for tests to look at from outside the transport.
+    #[cfg(test)]
+    pub(super) fn ring_control(&self) -> crate::devices::virtio::vhost_user::RingControl {
+        self.frontend.ring_control()
+    }
+
+    fn start(&self, activation: Activation) -> Result<(), BlockError> {
+        let Activation {
+            mem,
+            features,
             queues,
-            inflight: None,
-        })
+            interrupt,
+        } = activation;
+        let mut rings = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let index = queue.index;
+            rings.push(Ring::from_queue(queue, index, &interrupt, true)?);
+        }
+        self.frontend
+            .activate(Rings::new(mem, features, rings))
+            .map_err(BlockError::from)
     }
 }
 
@@ -160,54 +215,33 @@ impl VirtioDevice for VhostUserBlk {
         }
     }
 
+    /// Forwards a driver's write of the `writeback` byte (the only writable field).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        let mut session = self.shared.lock();
-        let Some(backend) = session.backend.as_mut() else {
-            tracing::warn!("vhost-user-blk backend is disconnected; config write dropped");
+        let writable = offset == CONFIG_WRITEBACK as u64
+            && data.len() == 1
+            && self.features & 1 << VIRTIO_BLK_F_CONFIG_WCE != 0;
+        if !writable {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "ignoring a read-only config write"
+            );
             return;
-        };
-        match backend.write_config(offset, data) {
-            Ok(()) => self.config = *backend.config(),
-            Err(e) => session.backend_failed(&self.shared.metrics, &e),
+        }
+        match self.frontend.request(|c| c.set_config(offset as u32, data)) {
+            Some(Ok(())) => self.config[CONFIG_WRITEBACK] = data[0],
+            // Counted and logged by the frontend.
+            Some(Err(_)) => {}
+            None => tracing::warn!("vhost-user-blk backend is disconnected; config write dropped"),
         }
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
-        let mut rings = Self::rings(activation).map_err(|e| VirtioError::Activate(Box::new(e)))?;
-        let mut session = self.shared.lock();
-        session.rings = None;
-        match session.backend.as_mut() {
-            Some(backend) => {
-                if let Err(e) = backend.start(&mut rings) {
-                    if !e.is_unresponsive() {
-                        BlockMetrics::add(&self.shared.metrics.backend_errors, 1);
-                        return Err(VirtioError::Activate(Box::new(e)));
-                    }
-                    // Like a backend that is away: the rings start when one answers.
-                    session.backend_failed(&self.shared.metrics, &e);
-                }
-            }
-            None => tracing::warn!(
-                socket = %self.shared.socket.display(),
-                "vhost-user-blk backend is disconnected; the rings start when it is back"
-            ),
-        }
-        session.rings = Some(rings);
-        BlockMetrics::add(&self.shared.metrics.activations, 1);
-        Ok(())
+        self.start(activation)
+            .map_err(|e| VirtioError::Activate(Box::new(e)))
     }
 
     fn reset(&mut self) {
-        let mut session = self.shared.lock();
-        let Some(mut rings) = session.rings.take() else {
-            return;
-        };
-        if let Some(backend) = session.backend.as_mut()
-            && let Err(e) = backend.stop(&mut rings)
-        {
-            tracing::warn!("cannot stop the vhost-user-blk rings");
-            session.backend_failed(&self.shared.metrics, &e);
-        }
-        // Dropping the rings drops the inflight region too: a new driver starts clean.
+        self.frontend.reset();
     }
 }

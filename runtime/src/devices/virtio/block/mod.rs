@@ -1,89 +1,56 @@
 //! virtio-blk (device ID 2) served by a vhost-user-blk backend (vhost-user spec, "Back-end
-//! message types"; virtio 1.2 §5.2): the VMM connects to the backend's socket, reads the
-//! disk's configuration from it (GET_CONFIG) and, on DRIVER_OK, shares guest memory
-//! (SET_MEM_TABLE with the memfd regions) and hands over each ring with the queue's
-//! ioeventfd as kick and its MSI-X irqfd as call. Requests never pass through the VMM.
-//! If the backend dies, a monitor thread reconnects and replays the ring state.
+//! message types"; virtio 1.2 §5.2): the VMM connects to the backend's socket through the
+//! shared vhost-user frontend, reads the disk's configuration from it (GET_CONFIG) and, on
+//! DRIVER_OK, shares guest memory and hands over each ring with the queue's ioeventfd as
+//! kick and its MSI-X irqfd as call. Requests never pass through the VMM. The backend keeps
+//! an inflight region when it offers INFLIGHT_SHMFD; if it dies, the shared monitor
+//! reconnects and replays the ring state.
 
-mod backend;
 mod device;
-mod metrics;
-mod reconnect;
-mod watchdog;
 
 pub use device::VhostUserBlk;
-pub use metrics::BlockMetrics;
 
 use std::path::PathBuf;
+
+use crate::devices::virtio::vhost_user::VhostUserError;
 
 /// Entries per queue. QEMU's vhost-user-blk default; backends size seg_max for it.
 pub const QUEUE_SIZE: u16 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot connect to vhost-user-blk socket {}; is the backend running?", .socket.display())]
-    Connect {
-        socket: PathBuf,
-        #[source]
-        source: vhost::Error,
-    },
-    #[error("the vhost-user-blk backend at {} failed {step}", .socket.display())]
-    Handshake {
-        socket: PathBuf,
-        step: &'static str,
-        #[source]
-        source: vhost::Error,
-    },
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
+    #[error("the vhost-user-blk backend at {} hung up during set-up; is it crashing?", .0.display())]
+    Gone(PathBuf),
     #[error(
-        "the vhost-user-blk backend at {} does not offer the CONFIG protocol feature; \
-         the VMM needs it to read the disk's size", .0.display()
+        "the vhost-user-blk backend at {} sent {got} bytes of configuration, fewer than the \
+         {} of a virtio-blk device; is it a block backend?", .socket.display(), device::CONFIG_SIZE
     )]
-    NoConfig(PathBuf),
-    #[error(
-        "guest RAM is not backed by a shared file (memfd), so a vhost-user backend cannot map it"
-    )]
-    NotSharedMemory,
-    #[error("queue {0}'s rings are outside guest memory")]
-    RingOutsideMemory(u16),
-    #[error("cannot create an eventfd for vhost-user-blk")]
-    EventFd(#[source] std::io::Error),
-    #[error("cannot start the vhost-user-blk monitor thread")]
-    Spawn(#[source] std::io::Error),
-    #[error("cannot start the vhost-user-blk reply watchdog")]
-    Watchdog(#[source] std::io::Error),
-    #[error(
-        "the vhost-user-blk backend at {} did not answer {step} within 3 s; it is treated as \
-         disconnected and redialled; check that the backend process is not stuck", .socket.display()
-    )]
-    Unresponsive { socket: PathBuf, step: &'static str },
+    ShortConfig { socket: PathBuf, got: usize },
 }
 
 impl BlockError {
     /// The backend accepted the request and did not answer in time.
     pub fn is_unresponsive(&self) -> bool {
-        matches!(self, BlockError::Unresponsive { .. })
+        matches!(self, BlockError::VhostUser(e) if e.is_unresponsive())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use ferrovirt_tests::{ScratchDir, StorageDaemon};
+    use ferrovirt_tests::{ScratchDir, StorageDaemon, VhostBlkBackend};
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::bus::Bus;
-    use crate::devices::pci::PciRoot;
-    use crate::devices::pci::testing::TestVm;
     use crate::devices::virtio::testing::*;
-    use crate::devices::virtio::{TYPE_BLOCK, VirtioDevice, add_virtio_device};
+    use crate::devices::virtio::vhost_user::VhostUserMetrics;
+    use crate::devices::virtio::{TYPE_BLOCK, VirtioDevice};
     use crate::memory::GuestRam;
 
     const IMAGE_SIZE: u64 = 8 << 20;
@@ -140,27 +107,7 @@ mod tests {
 
     /// A driver on a real KVM VM whose RAM is a memfd the backend can map.
     fn driver(device: VhostUserBlk) -> (TestDriver, GuestRam) {
-        let vm = TestVm::new();
-        let ram = GuestRam::new(MEM_SIZE, false).unwrap();
-        vm.map_memory(&ram.memory.memory());
-        let mmio = Arc::new(Bus::new());
-        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
-        let bdf =
-            add_virtio_device(&root, Box::new(device), &vm.router, ram.memory.clone()).unwrap();
-        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
-        let driver = TestDriver {
-            vm,
-            root,
-            mmio,
-            mem: ram.memory.clone(),
-            bar0,
-            slot: bdf.device,
-        };
-        (driver, ram)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+        TestDriver::with_shared_memory(Box::new(device))
     }
 
     /// Writes request `n` (descriptors 3n..3n+2: header, one sector of data, status) and
@@ -239,7 +186,7 @@ mod tests {
         assert_eq!(blk.capacity(), IMAGE_SIZE / SECTOR);
         assert_eq!(blk.queue_max_sizes(), &[super::QUEUE_SIZE]);
         assert_eq!(
-            blk.features() & !backend::GUEST_FEATURES,
+            blk.features() & !device::GUEST_FEATURES,
             0,
             "only features the transport handles reach the guest"
         );
@@ -261,7 +208,10 @@ mod tests {
         let socket = dir.join("nobody.sock");
         let err = VhostUserBlk::new(&socket).err().expect("no backend");
         let msg = err.to_string();
-        assert!(matches!(err, BlockError::Connect { .. }), "{msg}");
+        assert!(
+            matches!(err, BlockError::VhostUser(VhostUserError::Connect { .. })),
+            "{msg}"
+        );
         assert!(msg.contains(socket.to_str().unwrap()), "{msg}");
         assert!(msg.contains("is the backend running?"), "{msg}");
     }
@@ -291,7 +241,7 @@ mod tests {
         let guest = d.guest();
         let q = DriverQueue::new(&guest, QUEUE_AT, 16);
         start_queue(&d, &q);
-        assert_eq!(BlockMetrics::get(&metrics.activations), 1);
+        assert_eq!(VhostUserMetrics::get(&metrics.activations), 1);
 
         let pattern: Vec<u8> = (0..SECTOR).map(|i| (i * 7 + 3) as u8).collect();
         submit(&d, &q, 0, VIRTIO_BLK_T_OUT, 2, &pattern);
@@ -322,8 +272,8 @@ mod tests {
         d.write(NOTIFY, 2, 0);
         assert_eq!(complete(&d, &fresh, 1, 2), 0);
         assert_eq!(disk.read_image(3 * SECTOR, SECTOR as usize), [0x5a; 512]);
-        assert_eq!(BlockMetrics::get(&metrics.activations), 2);
-        assert_eq!(BlockMetrics::get(&metrics.backend_errors), 0);
+        assert_eq!(VhostUserMetrics::get(&metrics.activations), 2);
+        assert_eq!(VhostUserMetrics::get(&metrics.backend_errors), 0);
     }
 
     #[test]
@@ -341,7 +291,7 @@ mod tests {
 
         disk.crash();
         wait_until("hang-up noticed", || {
-            BlockMetrics::get(&metrics.disconnects) == 1
+            VhostUserMetrics::get(&metrics.disconnects) == 1
         });
         // The guest goes on submitting while nobody serves the disk.
         submit(&d, &q, 1, VIRTIO_BLK_T_OUT, 1, &[0x22; SECTOR as usize]);
@@ -351,7 +301,7 @@ mod tests {
 
         disk.restart(1);
         assert_eq!(complete(&d, &q, 2, 1), 0, "answered by the new backend");
-        assert_eq!(BlockMetrics::get(&metrics.reconnects), 1);
+        assert_eq!(VhostUserMetrics::get(&metrics.reconnects), 1);
         assert_eq!(disk.read_image(SECTOR, SECTOR as usize), vec![0x22; 512]);
 
         submit(&d, &q, 2, VIRTIO_BLK_T_OUT, 2, &[0x33; SECTOR as usize]);
@@ -359,5 +309,55 @@ mod tests {
         assert_eq!(complete(&d, &q, 3, 2), 0);
         assert_eq!(disk.read_image(0, 3 * 512)[1024..], [0x33; 512]);
         assert_eq!(disk.read_image(0, 512), vec![0x11; 512]);
+    }
+
+    #[test]
+    fn the_inflight_region_lives_as_long_as_the_driver_and_across_reconnects() {
+        // Our backend offers INFLIGHT_SHMFD (qemu-storage-daemon does not).
+        let dir = ScratchDir::new("blk-inflight").unwrap();
+        let (image, socket) = (dir.join("disk.img"), dir.join("disk.sock"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(IMAGE_SIZE)
+            .unwrap();
+        let backend = VhostBlkBackend::start(&image, &socket, &[]).unwrap();
+        let blk = VhostUserBlk::new(&socket).unwrap();
+        let rings = blk.ring_control();
+        let metrics = blk.metrics();
+        let (d, _ram) = driver(blk);
+        let guest = d.guest();
+        assert_eq!(rings.inflight_region(), None, "no driver, no region");
+        let q = DriverQueue::new(&guest, QUEUE_AT, 16);
+        start_queue(&d, &q);
+        let first = rings
+            .inflight_region()
+            .expect("the backend offers INFLIGHT_SHMFD and got a region at DRIVER_OK");
+
+        backend.crash().unwrap();
+        wait_until("hang-up noticed", || {
+            VhostUserMetrics::get(&metrics.disconnects) == 1
+        });
+        let backend = VhostBlkBackend::start(&image, &socket, &[]).unwrap();
+        wait_until("reconnected", || {
+            VhostUserMetrics::get(&metrics.reconnects) == 1
+        });
+        assert_eq!(
+            rings.inflight_region(),
+            Some(first),
+            "the new backend gets the region its predecessor recorded into"
+        );
+        submit(&d, &q, 0, VIRTIO_BLK_T_OUT, 0, &[0x44; SECTOR as usize]);
+        d.write(NOTIFY, 2, 0);
+        assert_eq!(complete(&d, &q, 1, 0), 0);
+
+        d.set_status(0);
+        assert_eq!(rings.inflight_region(), None, "reset drops the region");
+        let fresh = DriverQueue::new(&guest, QUEUE_AT + 0x4000, 16);
+        start_queue(&d, &fresh);
+        let second = rings
+            .inflight_region()
+            .expect("a region for the new driver");
+        assert_ne!(second, first, "a new driver starts on a clean region");
+        drop(backend);
     }
 }

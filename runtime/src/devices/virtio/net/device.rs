@@ -250,6 +250,12 @@ impl VhostUserNet {
         self.frontend.is_connected()
     }
 
+    /// A handle on the running rings, for tests to look at from outside the transport.
+    #[cfg(test)]
+    pub(super) fn ring_control(&self) -> crate::devices::virtio::vhost_user::RingControl {
+        self.frontend.ring_control()
+    }
+
     fn control_queue_index(&self) -> u16 {
         2 * self.params.queue_pairs
     }
@@ -276,11 +282,8 @@ impl VhostUserNet {
             rings.push(Ring::from_queue(queue, index, &interrupt, enabled)?);
         }
         self.hooks.set_interrupt(Some(interrupt.clone()));
-        self.frontend.activate(Rings {
-            mem: mem.clone(),
-            features,
-            queues: rings,
-        })?;
+        self.frontend
+            .activate(Rings::new(mem.clone(), features, rings))?;
         self.metrics.active_queue_pairs.store(1, Ordering::Relaxed);
         if let Some(queue) = control
             && features & 1 << VIRTIO_NET_F_CTRL_VQ != 0

@@ -38,7 +38,6 @@ pub enum NetError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
 
@@ -49,17 +48,12 @@ mod tests {
         VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
     };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::bus::Bus;
-    use crate::devices::pci::PciRoot;
-    use crate::devices::pci::testing::TestVm;
     use crate::devices::virtio::testing::*;
     use crate::devices::virtio::vhost_user::VhostUserMetrics;
-    use crate::devices::virtio::{TYPE_NET, VirtioDevice, add_virtio_device};
+    use crate::devices::virtio::{TYPE_NET, VirtioDevice};
     use crate::memory::GuestRam;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xfe, 0x01, 0x02];
@@ -130,27 +124,7 @@ mod tests {
 
     /// A driver on a real KVM VM whose RAM is a memfd the backend can map.
     fn driver(device: VhostUserNet) -> (TestDriver, GuestRam) {
-        let vm = TestVm::new();
-        let ram = GuestRam::new(MEM_SIZE, false).unwrap();
-        vm.map_memory(&ram.memory.memory());
-        let mmio = Arc::new(Bus::new());
-        let root = PciRoot::new(mmio.clone(), vm.vm.clone());
-        let bdf =
-            add_virtio_device(&root, Box::new(device), &vm.router, ram.memory.clone()).unwrap();
-        let bar0 = root.bar_address(bdf.device, 0).expect("BAR 0 mapped");
-        let driver = TestDriver {
-            vm,
-            root,
-            mmio,
-            mem: ram.memory.clone(),
-            bar0,
-            slot: bdf.device,
-        };
-        (driver, ram)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+        TestDriver::with_shared_memory(Box::new(device))
     }
 
     fn buffer(n: u16) -> u64 {
@@ -297,6 +271,26 @@ mod tests {
             )),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_backend_that_accepts_and_never_answers_is_a_timeout_not_a_hang() {
+        let dir = ScratchDir::new("net-silent").unwrap();
+        let socket = dir.join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Accepts, then keeps the connection open without reading or answering.
+        let silent = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let started = Instant::now();
+        let err = VhostUserNet::new(&socket, params(1))
+            .err()
+            .expect("connected to a silent backend");
+        assert!(
+            matches!(&err, NetError::VhostUser(e) if e.is_unresponsive()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("did not answer"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(silent.join().unwrap());
     }
 
     #[test]
@@ -595,10 +589,16 @@ mod tests {
         let mut backend = Backend::start("net-restart", 1);
         let net = VhostUserNet::new(backend.socket(), params(1)).unwrap();
         let metrics = net.metrics();
+        let rings = net.ring_control();
         let (d, _ram) = driver(net);
         let guest = d.guest();
         let queues = start(&d, &guest, VERSION_1, 3);
         let tx = &queues[1];
+        assert_eq!(
+            rings.inflight_region(),
+            None,
+            "virtio-net does not ask for INFLIGHT_SHMFD"
+        );
         let first = frame([0xff; 6], MAC, b"before-crash");
         let tap = backend.tap();
         transmit(&d, tx, 0, &first);
@@ -640,5 +640,60 @@ mod tests {
             backend.log()
         );
         assert_eq!(connection_count(&metrics.connection.backend_errors), 0);
+    }
+
+    /// Stops a process (SIGSTOP) and lets it go on (SIGCONT) on drop, so a failing test
+    /// does not leave a frozen backend that ignores the harness's SIGTERM.
+    struct Frozen(nix::unistd::Pid);
+
+    impl Frozen {
+        fn stop(pid: i32) -> Frozen {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            Frozen(pid)
+        }
+    }
+
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
+    #[test]
+    fn driver_ok_returns_when_the_backend_stops_answering_and_the_rings_go_to_its_return() {
+        let backend = Backend::start("net-frozen", 1);
+        let net = VhostUserNet::new(backend.socket(), params(1)).unwrap();
+        let metrics = net.metrics();
+        let (d, _ram) = driver(net);
+        let guest = d.guest();
+        let frozen = Frozen::stop(backend.pmd.as_ref().unwrap().pid());
+        // The vCPU's status write waits for the backend's acknowledgement, bounded by the
+        // watchdog; DRIVER_OK is accepted and the rings wait for a backend that answers.
+        let started = Instant::now();
+        let queues = start(&d, &guest, VERSION_1, 3);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "DRIVER_OK took {took:?}");
+        wait_until("the silent backend disconnected", || {
+            connection_count(&metrics.connection.disconnects) == 1
+        });
+        assert!(connection_count(&metrics.connection.backend_errors) >= 1);
+        assert_eq!(d.read(LINK_STATUS, 2), 0, "no answering backend, no link");
+
+        drop(frozen);
+        wait_until("reconnected", || {
+            connection_count(&metrics.connection.reconnects) == 1
+        });
+        assert_eq!(d.read(LINK_STATUS, 2), 1, "link up again");
+        let tap = backend.tap();
+        let sent = frame([0xff; 6], MAC, b"after-thaw");
+        transmit(&d, &queues[1], 0, &sent);
+        kick(&d, 1);
+        assert!(
+            tap.receive_matching(Duration::from_secs(10), |f| f == sent.as_slice())
+                .is_some(),
+            "the thawed backend took the rings over:\n{}",
+            backend.log()
+        );
     }
 }

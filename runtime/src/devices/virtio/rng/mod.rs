@@ -32,8 +32,6 @@ mod tests {
     use virtio_bindings::virtio_ring::{
         VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
@@ -47,10 +45,6 @@ mod tests {
 
     fn count(c: &AtomicU64) -> u64 {
         RngMetrics::get(c)
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
     }
 
     /// Publishes `heads` in the avail ring.

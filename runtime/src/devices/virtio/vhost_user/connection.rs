@@ -1,11 +1,15 @@
 //! One vhost-user connection: the handshake at connect time, and handing the guest's rings
 //! to the backend (and taking them back).
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -13,9 +17,18 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{FrontendSpec, VhostUserError};
+use super::watchdog::Watchdog;
+use super::{BackendHooks, FrontendSpec, VhostUserError};
 use crate::devices::virtio::{ActiveQueue, VirtioInterrupt};
 use crate::memory::GuestMemoryAtomic;
+
+/// How long one exchange with the backend (the handshake, starting or stopping the rings, a
+/// config access, a ring switch) may take: the 3 s in [`VhostUserError::Unresponsive`]. A
+/// backend that accepts and never answers would otherwise block the caller (a vCPU thread
+/// writing the status register, or the monitor) forever. The `vhost` crate retries EAGAIN,
+/// so a socket timeout cannot do this; a [`Watchdog`] shuts the socket down instead, and
+/// the monitor sees a hang-up and redials.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One queue as the driver set it up, with the eventfds the backend waits on and signals.
 pub struct Ring {
@@ -65,17 +78,45 @@ impl Ring {
     }
 }
 
+/// The region where the backend records requests in flight, so that a restarted backend
+/// can resubmit them (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+struct Inflight {
+    file: File,
+    info: VhostUserInflight,
+}
+
 /// Everything the backend needs to run the guest's queues; kept across reconnects.
 pub struct Rings {
     pub mem: GuestMemoryAtomic,
     /// Features the driver accepted.
     pub features: u64,
     pub queues: Vec<Ring>,
+    /// Created on the first start when both sides use INFLIGHT_SHMFD; lives as long as
+    /// the driver's rings, so every reconnected backend gets the same region.
+    inflight: Option<Inflight>,
 }
 
 impl Rings {
+    pub fn new(mem: GuestMemoryAtomic, features: u64, queues: Vec<Ring>) -> Rings {
+        Rings {
+            mem,
+            features,
+            queues,
+            inflight: None,
+        }
+    }
+
+    /// The inode of the inflight region's file, to tell regions apart in tests.
+    #[cfg(test)]
+    pub(super) fn inflight_inode(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let inflight = self.inflight.as_ref()?;
+        inflight.file.metadata().ok().map(|m| m.ino())
+    }
+
     /// Sets every ring's start to the used index in guest memory: after a backend crash,
-    /// buffers it took but never returned are taken again.
+    /// buffers it took but never returned are taken again (a backend with an inflight
+    /// region resubmits what it had in flight from there).
     pub fn rewind_to_used(&mut self) {
         let mem = self.mem.memory();
         for ring in &mut self.queues {
@@ -99,6 +140,8 @@ pub struct Connection {
     /// Queues the backend serves (GET_QUEUE_NUM, or the spec's default without MQ).
     queue_count: u64,
     queue_size: u16,
+    /// Shuts the socket down when an exchange takes longer than [`REPLY_TIMEOUT`].
+    watchdog: Arc<Watchdog>,
 }
 
 impl Connection {
@@ -112,6 +155,10 @@ impl Connection {
                 source,
             }
         })?;
+        let watchdog = Arc::new(
+            Watchdog::spawn(frontend.as_raw_fd(), REPLY_TIMEOUT)
+                .map_err(VhostUserError::Watchdog)?,
+        );
         let mut connection = Connection {
             kind: spec.kind,
             socket: socket.to_owned(),
@@ -120,19 +167,43 @@ impl Connection {
             protocol: VhostUserProtocolFeatures::empty(),
             queue_count: spec.default_queue_count,
             queue_size: spec.queue_size,
+            watchdog,
         };
-        connection.negotiate(spec)?;
+        connection.bounded(|c| c.negotiate(spec))?;
         Ok(connection)
     }
 
-    /// Turns a vhost crate error at `step` into ours.
+    /// Runs one exchange with the backend under the watchdog.
+    fn bounded<T>(&mut self, exchange: impl FnOnce(&mut Connection) -> T) -> T {
+        let watchdog = self.watchdog.clone();
+        watchdog.bounded(|| exchange(self))
+    }
+
+    /// Turns a vhost crate error at `step` into ours: [`VhostUserError::Unresponsive`] when
+    /// the watchdog cut the exchange short.
     pub fn error(&self, step: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
         let (kind, socket) = (self.kind, self.socket.clone());
-        move |source| VhostUserError::Handshake {
-            kind,
-            socket,
-            step,
-            source,
+        let unresponsive = self.watchdog.fired();
+        move |source| {
+            if unresponsive {
+                VhostUserError::Unresponsive { kind, socket, step }
+            } else {
+                VhostUserError::Handshake {
+                    kind,
+                    socket,
+                    step,
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Gives up on this connection: shuts the socket down, so the monitor (which polls a
+    /// duplicate of it) sees a hang-up and redials.
+    pub fn abandon(&self) {
+        let how = nix::sys::socket::Shutdown::Both;
+        if let Err(e) = nix::sys::socket::shutdown(self.frontend.as_raw_fd(), how) {
+            tracing::warn!("cannot shut down the {} socket: {e}", self.kind);
         }
     }
 
@@ -214,47 +285,55 @@ impl Connection {
         self.frontend.as_raw_fd()
     }
 
-    /// The vhost crate's frontend, for device-specific messages (inflight regions).
-    pub fn frontend_mut(&mut self) -> &mut Frontend {
-        &mut self.frontend
-    }
-
     /// The first `size` bytes of the backend's device configuration (GET_CONFIG; needs the
     /// CONFIG protocol feature).
     pub fn get_config(&mut self, size: usize) -> Result<Vec<u8>, VhostUserError> {
-        let (_, config) = self
-            .frontend
-            .get_config(
-                0,
-                size as u32,
-                VhostUserConfigFlags::empty(),
-                &vec![0; size],
-            )
-            .map_err(self.error("GET_CONFIG"))?;
-        Ok(config)
+        self.bounded(|c| {
+            let (_, config) = c
+                .frontend
+                .get_config(
+                    0,
+                    size as u32,
+                    VhostUserConfigFlags::empty(),
+                    &vec![0; size],
+                )
+                .map_err(c.error("GET_CONFIG"))?;
+            Ok(config)
+        })
     }
 
     /// Writes device configuration bytes to the backend (SET_CONFIG).
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), VhostUserError> {
-        self.frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(self.error("SET_CONFIG"))
+        self.bounded(|c| {
+            c.frontend
+                .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+                .map_err(c.error("SET_CONFIG"))
+        })
     }
 
-    /// Hands the rings to the backend: features, memory table, then each ring's size,
-    /// addresses (in this process's address space, as vhost-user wants), start index and
-    /// eventfds; finally enables the rings marked enabled.
+    /// Hands the rings to the backend: features, the inflight region, memory table, then each ring's size, addresses (in this process's address space, as
+    /// vhost-user wants), start index and eventfds; finally enables the rings marked
+    /// enabled.
     pub fn start(
         &mut self,
-        rings: &Rings,
+        rings: &mut Rings,
         backend_features: u64,
-        hooks: &dyn super::BackendHooks,
+        hooks: &dyn BackendHooks,
+    ) -> Result<(), VhostUserError> {
+        self.bounded(|c| c.hand_over_rings(rings, backend_features, hooks))
+    }
+
+    fn hand_over_rings(
+        &mut self,
+        rings: &mut Rings,
+        backend_features: u64,
+        hooks: &dyn BackendHooks,
     ) -> Result<(), VhostUserError> {
         let features = backend_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(features)
             .map_err(self.error("SET_FEATURES"))?;
-        hooks.before_mem_table(self)?;
+        self.set_inflight(rings, hooks);
 
         let mem = rings.mem.memory();
         let regions = mem
@@ -299,20 +378,58 @@ impl Connection {
                 .map_err(self.error("SET_VRING_KICK"))?;
         }
         for ring in &rings.queues {
-            self.set_ring_enabled(ring.index, ring.enabled)?;
+            self.frontend
+                .set_vring_enable(usize::from(ring.index), ring.enabled)
+                .map_err(self.error("SET_VRING_ENABLE"))?;
         }
         Ok(())
     }
 
+    /// Shares the inflight region with the backend, creating it on the first start. Only
+    /// when both sides use INFLIGHT_SHMFD (the device asked for it in its spec). Without
+    /// one, reconnecting still works from the used index, so a refusal is only logged.
+    fn set_inflight(&mut self, rings: &mut Rings, hooks: &dyn BackendHooks) {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return;
+        }
+        if rings.inflight.is_none() {
+            let queues = hooks.inflight_queue_count(self);
+            let ask = VhostUserInflight::new(0, 0, queues, self.queue_size);
+            match self.frontend.get_inflight_fd(&ask) {
+                Ok((info, file)) => rings.inflight = Some(Inflight { file, info }),
+                Err(e) => {
+                    tracing::warn!("{} backend has no inflight region: {e}", self.kind);
+                    return;
+                }
+            }
+        }
+        if let Some(inflight) = &rings.inflight
+            && let Err(e) = self
+                .frontend
+                .set_inflight_fd(&inflight.info, inflight.file.as_raw_fd())
+        {
+            tracing::warn!("{} backend refused the inflight region: {e}", self.kind);
+        }
+    }
+
     /// Starts or stops the backend's processing of one ring.
     pub fn set_ring_enabled(&mut self, index: u16, enabled: bool) -> Result<(), VhostUserError> {
-        self.frontend
-            .set_vring_enable(usize::from(index), enabled)
-            .map_err(self.error("SET_VRING_ENABLE"))
+        self.bounded(|c| {
+            c.frontend
+                .set_vring_enable(usize::from(index), enabled)
+                .map_err(c.error("SET_VRING_ENABLE"))
+        })
     }
 
     /// Stops every ring (VHOST_USER_GET_VRING_BASE) and records where each stopped.
     pub fn stop(&mut self, rings: &mut Rings) -> Result<(), VhostUserError> {
+        self.bounded(|c| c.take_back_rings(rings))
+    }
+
+    fn take_back_rings(&mut self, rings: &mut Rings) -> Result<(), VhostUserError> {
         let mut result = Ok(());
         for ring in &mut rings.queues {
             let i = usize::from(ring.index);

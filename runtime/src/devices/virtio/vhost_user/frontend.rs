@@ -32,9 +32,27 @@ impl Shared {
     }
 
     /// Hands `rings` to a fresh connection: the device's features, then the rings.
-    pub fn start(&self, connection: &mut Connection, rings: &Rings) -> Result<(), VhostUserError> {
+    pub fn start(
+        &self,
+        connection: &mut Connection,
+        rings: &mut Rings,
+    ) -> Result<(), VhostUserError> {
         let features = self.hooks.backend_features(connection, rings.features);
         connection.start(rings, features, self.hooks.as_ref())
+    }
+}
+
+impl Session {
+    /// Counts a failed request to the backend; one that timed out disconnects it, so the
+    /// monitor redials it and hands it the rings as after a crash.
+    pub fn backend_failed(&mut self, metrics: &VhostUserMetrics, error: &VhostUserError) {
+        VhostUserMetrics::add(&metrics.backend_errors, 1);
+        tracing::warn!("{error}");
+        if error.is_unresponsive()
+            && let Some(connection) = self.connection.take()
+        {
+            connection.abandon();
+        }
     }
 }
 
@@ -92,6 +110,21 @@ impl VhostUserFrontend {
         self.shared.lock().connection.as_mut().map(f)
     }
 
+    /// Runs the request `f` on the live connection, for a running device (a config
+    /// write): a failure is counted and a backend that did not answer is disconnected and
+    /// redialled. `None` while the backend is away.
+    pub fn request<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, VhostUserError>,
+    ) -> Option<Result<T, VhostUserError>> {
+        let mut session = self.shared.lock();
+        let result = f(session.connection.as_mut()?);
+        if let Err(e) = &result {
+            session.backend_failed(&self.shared.metrics, e);
+        }
+        Some(result)
+    }
+
     /// A handle for switching rings on and off from another thread (a control queue).
     pub fn ring_control(&self) -> RingControl {
         RingControl {
@@ -100,15 +133,20 @@ impl VhostUserFrontend {
     }
 
     /// Hands the driver's rings to the backend (DRIVER_OK). Without a backend right now,
-    /// they are kept and go to the next one the monitor finds.
-    pub fn activate(&self, rings: Rings) -> Result<(), VhostUserError> {
+    /// or with one that stopped answering, they are kept and go to the next one the
+    /// monitor finds.
+    pub fn activate(&self, mut rings: Rings) -> Result<(), VhostUserError> {
         let mut session = self.shared.lock();
         session.rings = None;
         match session.connection.as_mut() {
             Some(connection) => {
-                if let Err(e) = self.shared.start(connection, &rings) {
-                    VhostUserMetrics::add(&self.shared.metrics.backend_errors, 1);
-                    return Err(e);
+                if let Err(e) = self.shared.start(connection, &mut rings) {
+                    if !e.is_unresponsive() {
+                        VhostUserMetrics::add(&self.shared.metrics.backend_errors, 1);
+                        return Err(e);
+                    }
+                    // Like a backend that is away: the rings start when one answers.
+                    session.backend_failed(&self.shared.metrics, &e);
                 }
             }
             None => tracing::warn!(
@@ -131,11 +169,10 @@ impl VhostUserFrontend {
         if let Some(connection) = session.connection.as_mut()
             && let Err(e) = connection.stop(&mut rings)
         {
-            VhostUserMetrics::add(&self.shared.metrics.backend_errors, 1);
-            tracing::warn!("cannot stop the {} rings: {e}", self.shared.spec.kind);
+            tracing::warn!("cannot stop the {} rings", self.shared.spec.kind);
+            session.backend_failed(&self.shared.metrics, &e);
         }
-        drop(session);
-        self.shared.hooks.rings_released();
+        // Dropping the rings drops the inflight region too: a new driver starts clean.
     }
 }
 
@@ -146,6 +183,12 @@ pub struct RingControl {
 }
 
 impl RingControl {
+    /// Which inflight region the running rings hold (its file's inode), if any.
+    #[cfg(test)]
+    pub fn inflight_region(&self) -> Option<u64> {
+        self.shared.lock().rings.as_ref()?.inflight_inode()
+    }
+
     /// Enables or disables backend ring `index`. Recorded even while the backend is away,
     /// and replayed when it comes back.
     pub fn set_ring_enabled(&self, index: u16, enabled: bool) -> Result<(), VhostUserError> {
@@ -158,13 +201,13 @@ impl RingControl {
             return Err(VhostUserError::UnknownRing(index));
         };
         ring.enabled = enabled;
-        match session.connection.as_mut() {
-            Some(connection) => connection
-                .set_ring_enabled(index, enabled)
-                .inspect_err(|_| {
-                    VhostUserMetrics::add(&self.shared.metrics.backend_errors, 1);
-                }),
-            None => Ok(()),
+        let Some(connection) = session.connection.as_mut() else {
+            return Ok(());
+        };
+        let result = connection.set_ring_enabled(index, enabled);
+        if let Err(e) = &result {
+            session.backend_failed(&self.shared.metrics, e);
         }
+        result
     }
 }

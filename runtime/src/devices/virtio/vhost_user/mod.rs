@@ -8,8 +8,14 @@
 //! A device type plugs in with a [`FrontendSpec`] (queue size, the protocol features it
 //! wants or needs, the queue count of a backend without the MQ protocol feature) and
 //! [`BackendHooks`] (which feature bits go to the backend, what a (re)connected backend
-//! must offer, device-specific set-up before the memory table). The device owns its
+//! must offer, how many queues an inflight region covers). The device owns its
 //! configuration space and feature masks; this module only carries rings.
+//!
+//! Every exchange with the backend is bounded (3 s, [`REPLY_TIMEOUT`]): a backend that
+//! accepts and never answers is disconnected and redialled instead of blocking a vCPU
+//! thread forever. A device that lists INFLIGHT_SHMFD in its wanted protocol features gets
+//! an inflight region (vhost-user spec, "Inflight I/O tracking"), created on the first
+//! DRIVER_OK, handed to every backend that takes the rings over, and dropped on reset.
 //!
 //! ```text
 //! let frontend = VhostUserFrontend::connect(socket, spec, hooks, metrics)?;  // handshake
@@ -22,8 +28,9 @@ mod connection;
 mod frontend;
 mod metrics;
 mod reconnect;
+mod watchdog;
 
-pub use connection::{Connection, Ring, Rings};
+pub use connection::{Connection, REPLY_TIMEOUT, Ring, Rings};
 pub use frontend::{RingControl, VhostUserFrontend};
 pub use metrics::VhostUserMetrics;
 
@@ -38,7 +45,8 @@ pub struct FrontendSpec {
     pub kind: &'static str,
     /// Maximum entries per queue (the queue_max_size the backend is told).
     pub queue_size: u16,
-    /// Protocol features used when the backend offers them.
+    /// Protocol features used when the backend offers them. INFLIGHT_SHMFD here asks for
+    /// an inflight region (see [`BackendHooks::inflight_queue_count`]).
     pub wanted_protocol: VhostUserProtocolFeatures,
     /// Protocol features the device cannot work without, and why (for the error).
     pub required_protocol: VhostUserProtocolFeatures,
@@ -57,19 +65,12 @@ pub trait BackendHooks: Send + Sync + 'static {
     /// The virtio feature bits for SET_FEATURES, from those the driver accepted. The
     /// frontend adds VHOST_USER_F_PROTOCOL_FEATURES.
     fn backend_features(&self, connection: &Connection, driver_features: u64) -> u64;
-    /// Runs after SET_FEATURES and before SET_MEM_TABLE (vhost-user-blk: the inflight
-    /// region).
-    fn before_mem_table(&self, _connection: &mut Connection) -> Result<(), VhostUserError> {
-        Ok(())
+    /// Queues the inflight region covers (GET_INFLIGHT_FD's num_queues): the device's queue
+    /// count, which may exceed the rings a driver starts. Asked once per driver, when the
+    /// first backend to run its rings negotiated INFLIGHT_SHMFD.
+    fn inflight_queue_count(&self, connection: &Connection) -> u16 {
+        connection.queue_count().min(u64::from(u16::MAX)) as u16
     }
-    /// Before a reconnected backend takes the rings over: where each ring restarts. The
-    /// default rewinds to the used index, so buffers the dead backend took but never
-    /// returned are taken again (a device with an inflight region may do better).
-    fn restore_after_crash(&self, rings: &mut Rings) {
-        rings.rewind_to_used();
-    }
-    /// A reset released the rings: drop state tied to them.
-    fn rings_released(&self) {}
     /// The backend hung up (`false`), or a new one is connected and runs the rings
     /// (`true`); virtio-net reports it as its link status.
     fn connection_changed(&self, _connected: bool) {}
@@ -135,4 +136,23 @@ pub enum VhostUserError {
     EventFd(#[source] std::io::Error),
     #[error("cannot start the vhost-user monitor thread")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot start the vhost-user reply watchdog")]
+    Watchdog(#[source] std::io::Error),
+    #[error(
+        "the {kind} backend at {} did not answer {step} within 3 s; it is treated as \
+         disconnected and redialled; check that the backend process is not stuck",
+        .socket.display()
+    )]
+    Unresponsive {
+        kind: &'static str,
+        socket: PathBuf,
+        step: &'static str,
+    },
+}
+
+impl VhostUserError {
+    /// The backend accepted a request and did not answer in time.
+    pub fn is_unresponsive(&self) -> bool {
+        matches!(self, VhostUserError::Unresponsive { .. })
+    }
 }

@@ -1,7 +1,8 @@
 //! Reconnecting to a backend that went away: a thread watches the socket for a hang-up,
 //! then knocks on the socket path until a backend answers, negotiates again, lets the
-//! device check it, and hands it the running rings from the last used index. The guest
-//! sees a pause in I/O, not an error.
+//! device check it, and hands it the running rings from the last used index (and the
+//! inflight region, when the device asked for one). The guest sees a pause in I/O, not an
+//! error.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -155,11 +156,24 @@ fn reconnect(shared: &Shared, stop: &EventFd) -> bool {
         }
         let mut session = shared.lock();
         if let Some(rings) = session.rings.as_mut() {
-            shared.hooks.restore_after_crash(rings);
+            // Buffers the dead backend took but never returned are taken again; with an
+            // inflight region, the new backend resubmits what it finds there instead.
+            rings.rewind_to_used();
             if let Err(e) = shared.start(&mut connection, rings) {
                 VhostUserMetrics::add(&shared.metrics.backend_errors, 1);
                 tracing::warn!("the reconnected {kind} backend refused the rings: {e}");
                 continue;
+            }
+            // Buffers the guest made available while no backend was there (and those the
+            // last one took and never returned) must not wait for the guest's next kick,
+            // which may never come. A spurious notification is harmless (virtio 1.2 §2.9).
+            for ring in rings.queues.iter().filter(|r| r.enabled) {
+                if let Err(e) = ring.kick.write(1) {
+                    tracing::warn!(
+                        queue = ring.index,
+                        "cannot kick the reconnected {kind} backend: {e}"
+                    );
+                }
             }
         }
         session.connection = Some(connection);

@@ -52,9 +52,21 @@ impl Watchdog {
         })
     }
 
-    /// Runs `exchange` with the deadline armed.
+    /// Runs `exchange` with the deadline armed. Inside another bounded exchange (a device
+    /// hook sending its own requests while the rings are handed over) the outer deadline
+    /// stays, so the whole exchange is bounded, not each part.
     pub fn bounded<T>(&self, exchange: impl FnOnce() -> T) -> T {
-        self.inner.lock().deadline = Some(Instant::now() + self.timeout);
+        let outermost = {
+            let mut state = self.inner.lock();
+            let outermost = state.deadline.is_none();
+            if outermost {
+                state.deadline = Some(Instant::now() + self.timeout);
+            }
+            outermost
+        };
+        if !outermost {
+            return exchange();
+        }
         self.inner.changed.notify_all();
         let result = exchange();
         self.inner.lock().deadline = None;
@@ -137,5 +149,20 @@ mod tests {
         assert!(!dog.fired());
         std::io::Write::write_all(&mut &peer, b"y").unwrap();
         assert_eq!((&ours).read(&mut [0u8; 1]).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_nested_exchange_keeps_the_outer_deadline() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        let dog = Watchdog::spawn(ours.as_raw_fd(), Duration::from_millis(300)).unwrap();
+        let started = Instant::now();
+        let got = dog.bounded(|| {
+            // The inner exchange ends well before the deadline and must not disarm it.
+            dog.bounded(|| std::thread::sleep(Duration::from_millis(50)));
+            (&ours).read(&mut [0u8; 8]).unwrap()
+        });
+        assert_eq!(got, 0, "end of file after the shutdown");
+        assert!(dog.fired());
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
