@@ -40,6 +40,9 @@ type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
 
 /// Host RX buffers per queue pair: frames read from the TAP and not yet in the guest.
 const RX_BUFFERS: usize = 16;
+/// TX chains written per submit within one kick's batch; after each such group the written
+/// chains go back to the driver at once (see `PairWorker::flush_tx`).
+const TX_SUBMIT_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -349,6 +352,7 @@ impl PairWorker {
             return;
         }
         let event_idx = shared.event_idx.load(Ordering::Relaxed);
+        let mut queued = 0;
         loop {
             if event_idx {
                 let _ = tx.disable_notification();
@@ -379,6 +383,11 @@ impl PairWorker {
                     tracing::debug!(pair = self.pair, head, %reason, "dropped a TX chain");
                     self.complete_tx(seq);
                 }
+                queued += 1;
+                if queued == TX_SUBMIT_BATCH {
+                    queued = 0;
+                    self.flush_tx(shared, tx);
+                }
             }
             if !event_idx {
                 break;
@@ -392,12 +401,31 @@ impl PairWorker {
                 }
             }
         }
+        self.submit_tx(shared);
+        self.release_tx();
+    }
+
+    fn submit_tx(&mut self, shared: &Shared) {
         match self.ring.submit() {
             Ok(0) => {}
             Ok(_) => shared.metrics.count_tx_submit(),
             Err(e) => tracing::error!(pair = self.pair, error = %e, "io_uring submit failed"),
         }
-        self.release_tx();
+    }
+
+    /// Mid-batch: writes what is queued, returns the chains already written and tells the
+    /// driver (if it asked), so it refills the ring while we go on with the rest of the batch
+    /// instead of the two sides taking turns.
+    fn flush_tx(&mut self, shared: &Shared, tx: &VringRwLock) {
+        self.submit_tx(shared);
+        self.reap(shared);
+        let event_idx = shared.event_idx.load(Ordering::Relaxed);
+        if std::mem::take(&mut self.tx_unsignalled)
+            && (!event_idx || tx.needs_notification().unwrap_or(true))
+            && let Err(e) = tx.signal_used_queue()
+        {
+            tracing::warn!(pair = self.pair, error = %e, "cannot signal the guest");
+        }
     }
 
     fn start_tx(
