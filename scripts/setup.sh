@@ -18,8 +18,10 @@ set -euo pipefail
 #   e2fsprogs        mkfs.ext4 for vhost-blk's inflight crash test, which holds writes in
 #                    flight by freezing a loop-mounted file system (losetup/mount/fsfreeze are
 #                    util-linux, always present); the kernel has no device-mapper for dm-delay
+#   containernetworking-plugins  Debian's reference CNI plugins (host-local IPAM, tuning) in
+#                    /usr/lib/cni, run beside ferrovirt-cni in its chaining and IPAM tests
 # Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs containernetworking-plugins)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -5,4 +5,11 @@ pub mod config;
 pub mod env;
 pub mod ipam;
 pub mod netlink;
+pub mod plugin;
 pub mod result;
+pub mod sriov;
+pub mod state;
+pub mod tap;
+pub mod vhost_user;
+
+pub use plugin::{Outcome, PluginError, run};

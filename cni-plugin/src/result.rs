@@ -177,7 +177,8 @@ pub fn version_info(requested: Option<&str>) -> Value {
 /// The spec's error object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorObject {
-    #[serde(rename = "cniVersion")]
+    // Older plugins (Debian's 1.1.1 host-local) leave it out.
+    #[serde(rename = "cniVersion", default)]
     pub cni_version: String,
     pub code: u32,
     pub msg: String,

@@ -22,7 +22,7 @@ pub use artifacts::{
     try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
-pub use names::{CleanupGuard, NetNs, Tap, unique_name};
+pub use names::{CleanupGuard, Link, NetNs, Tap, link_exists, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
 pub use storage_daemon::StorageDaemon;
 pub use testpmd::{PacketSocket, Testpmd};
