@@ -231,19 +231,29 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
 
+    /// Serializes the tests that write and run scripts: a script written while another test
+    /// forks can be held open for writing by that child until its exec, and running it then
+    /// fails with ETXTBSY.
+    static EXEC_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A scratch CNI_PATH with one shell-script "IPAM plugin".
     struct FakePlugin {
         dir: PathBuf,
+        _exclusive: std::sync::MutexGuard<'static, ()>,
     }
 
     impl FakePlugin {
         fn new(name: &str, script: &str) -> FakePlugin {
+            let exclusive = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
             let dir = std::env::temp_dir().join(format!("fv-ipam-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join(name);
             std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            FakePlugin { dir }
+            FakePlugin {
+                dir,
+                _exclusive: exclusive,
+            }
         }
     }
 

@@ -283,12 +283,18 @@ pub fn teardown(
     if record.applied {
         let sysfs = Sysfs::from_env();
         let mut pf = pf::pf_control(&sysfs);
-        pf.apply(
-            &record.pf,
-            record.vf_index,
-            &VfChange::restoring(&record.original),
-        )?;
-        tracing::info!(pci = %record.pci, "VF settings restored");
+        let change = match pf.vf_settings(&record.pf, record.vf_index) {
+            Ok(current) => VfChange::restoring_from(&current, &record.original),
+            // Cannot read them back: set everything.
+            Err(e) => {
+                tracing::warn!(pci = %record.pci, "cannot read the VF's settings: {e}");
+                VfChange::restoring(&record.original)
+            }
+        };
+        if !change.is_empty() {
+            pf.apply(&record.pf, record.vf_index, &change)?;
+        }
+        tracing::info!(pci = %record.pci, ?change, "VF settings restored");
     }
     Ok(())
 }

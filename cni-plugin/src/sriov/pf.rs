@@ -100,6 +100,25 @@ impl VfChange {
         }
     }
 
+    /// What it takes to go from `current` back to `original`: only the settings that differ
+    /// (a PF that refused a setting during ADD need not be asked for it again).
+    pub fn restoring_from(current: &VfSettings, original: &VfSettings) -> VfChange {
+        let full = VfChange::restoring(original);
+        let differs = |want: Option<bool>, have: Option<bool>| want.filter(|w| have != Some(*w));
+        VfChange {
+            mac: full.mac.filter(|m| *m != current.mac),
+            vlan: full
+                .vlan
+                .filter(|v| *v != (current.vlan, current.qos, current.proto)),
+            spoofchk: differs(full.spoofchk, current.spoofchk),
+            trust: differs(full.trust, current.trust),
+            link_state: full.link_state.filter(|l| current.link_state != Some(*l)),
+            rate: full
+                .rate
+                .filter(|r| *r != (current.min_tx_rate, current.max_tx_rate)),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == VfChange::default()
     }
@@ -416,5 +435,25 @@ mod tests {
             VfChange::restoring(&settings).vlan,
             Some((100, 3, VlanProto::Dot1Ad))
         );
+    }
+
+    #[test]
+    fn restoring_asks_only_for_the_settings_that_differ() {
+        let original = VfSettings::default();
+        let current = VfSettings {
+            vlan: 7,
+            trust: Some(true),
+            ..VfSettings::default()
+        };
+        let change = VfChange::restoring_from(&current, &original);
+        assert_eq!(
+            change,
+            VfChange {
+                vlan: Some((0, 0, VlanProto::Dot1Q)),
+                trust: Some(false),
+                ..VfChange::default()
+            }
+        );
+        assert!(VfChange::restoring_from(&original, &original).is_empty());
     }
 }
