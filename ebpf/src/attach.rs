@@ -1,0 +1,268 @@
+//! Attaching the programs to interfaces: TC ingress through TCX links (clsact/netlink on
+//! kernels without TCX) and XDP (native, else generic), every link pinned under
+//! `<pin_dir>/links/` so it outlives the process that attached it.
+//!
+//! Re-attaching swaps the program inside the pinned link (`BPF_LINK_UPDATE`: the new program
+//! is in place before the old one is dropped, no frame sees neither), so it is idempotent and
+//! never stacks a second program on the hook.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachOptions, TcAttachType};
+use aya::programs::xdp::{XdpLink, XdpMode};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, Xdp};
+
+use crate::pin_dir::{Hook, PinDir, PinDirError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("interface {0:?} does not exist in this network namespace; create it first")]
+    InterfaceMissing(String),
+    #[error("cannot attach {hook} to {ifname}; are we root (CAP_NET_ADMIN, CAP_BPF)?")]
+    Attach {
+        hook: Hook,
+        ifname: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot re-open the link pinned at {path}")]
+    OpenPinned {
+        path: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error(
+        "{hook} on {ifname} is attached through netlink, not a bpf_link; XDP needs Linux >= 5.9"
+    )]
+    NotALink { hook: Hook, ifname: String },
+    #[error("cannot pin the link of {hook} on {ifname}")]
+    Pin {
+        hook: Hook,
+        ifname: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot rename the link pin {from} to {to}")]
+    Rename {
+        from: String,
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
+}
+
+/// The ifindex of `ifname` in the caller's network namespace.
+pub(crate) fn ifindex_of(ifname: &str) -> Result<u32, AttachError> {
+    let missing = || AttachError::InterfaceMissing(ifname.to_string());
+    let c_name = CString::new(ifname).map_err(|_| missing())?;
+    // SAFETY: if_nametoindex reads the NUL-terminated name, which outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if ifindex == 0 {
+        Err(missing())
+    } else {
+        Ok(ifindex)
+    }
+}
+
+/// Attaches a TC program to `ifname`'s ingress, or swaps it into the link pinned earlier.
+pub(crate) fn attach_tc_program(
+    program: &mut SchedClassifier,
+    pin_dir: &PinDir,
+    hook: Hook,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<(), AttachError> {
+    let attach_error = |source| AttachError::Attach {
+        hook,
+        ifname: ifname.to_string(),
+        source,
+    };
+    let replaced = attach_pinned(pin_dir, hook, ifindex, ifname, &mut |old: FdLink| {
+        let old = SchedClassifierLink::try_from(old).map_err(|_| not_a_link(hook, ifname))?;
+        let id = program.attach_to_link(old).map_err(attach_error)?;
+        FdLink::try_from(program.take_link(id).map_err(attach_error)?)
+            .map_err(|_| not_a_link(hook, ifname))
+    })?;
+    if replaced {
+        return Ok(());
+    }
+    let tcx = program.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    );
+    match tcx {
+        Ok(id) => {
+            let link = FdLink::try_from(program.take_link(id).map_err(attach_error)?)
+                .map_err(|_| not_a_link(hook, ifname))?;
+            pin_link(link, pin_dir, hook, ifindex, ifname)
+        }
+        Err(error) if tcx_unsupported(&error) => {
+            tracing::warn!(ifname, "no TCX on this kernel; attaching through clsact");
+            attach_tc_netlink(program, ifname).map_err(attach_error)
+        }
+        Err(error) => Err(attach_error(error)),
+    }
+}
+
+/// Attaches the XDP program to `ifname` in driver mode, falling back to generic (SKB) mode
+/// where the driver has no XDP, or swaps it into the link pinned earlier.
+pub(crate) fn attach_xdp_program(
+    program: &mut Xdp,
+    pin_dir: &PinDir,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<(), AttachError> {
+    let hook = Hook::UplinkXdp;
+    let attach_error = |source| AttachError::Attach {
+        hook,
+        ifname: ifname.to_string(),
+        source,
+    };
+    let replaced = attach_pinned(pin_dir, hook, ifindex, ifname, &mut |old: FdLink| {
+        let old = XdpLink::try_from(old).map_err(|_| not_a_link(hook, ifname))?;
+        let id = program.attach_to_link(old).map_err(attach_error)?;
+        FdLink::try_from(program.take_link(id).map_err(attach_error)?)
+            .map_err(|_| not_a_link(hook, ifname))
+    })?;
+    if replaced {
+        return Ok(());
+    }
+    let id = match program.attach_to_if_index(ifindex, XdpMode::Driver) {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::info!(ifname, %error, "no native XDP; attaching in generic (SKB) mode");
+            program
+                .attach_to_if_index(ifindex, XdpMode::Skb)
+                .map_err(attach_error)?
+        }
+    };
+    let link = FdLink::try_from(program.take_link(id).map_err(attach_error)?)
+        .map_err(|_| not_a_link(hook, ifname))?;
+    pin_link(link, pin_dir, hook, ifindex, ifname)
+}
+
+/// Detaches what we attached for `hook` on `ifindex`: removing the link's pin drops its last
+/// reference, which detaches it. Without a pin, a program attached through netlink (kernels
+/// without TCX) is removed by name if `ifname` still exists.
+pub(crate) fn detach_program(
+    pin_dir: &PinDir,
+    hook: Hook,
+    ifindex: u32,
+    netlink_name: Option<(&str, &str)>,
+) -> Result<(), AttachError> {
+    match pin_dir.link_by_ifindex(hook, ifindex)? {
+        Some(pin) => Ok(PinDir::unpin(&pin.path)?),
+        None => {
+            if let Some((ifname, program_name)) = netlink_name {
+                detach_tc_netlink(ifname, program_name);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Swaps the program into the link pinned for (`hook`, `ifindex`) with `replace`; true when
+/// it did. A pinned link whose interface is gone (the ifindex was reused) is removed.
+fn attach_pinned(
+    pin_dir: &PinDir,
+    hook: Hook,
+    ifindex: u32,
+    ifname: &str,
+    replace: &mut dyn FnMut(FdLink) -> Result<FdLink, AttachError>,
+) -> Result<bool, AttachError> {
+    let Some(old) = pin_dir.link_by_ifindex(hook, ifindex)? else {
+        return Ok(false);
+    };
+    let link = PinnedLink::from_pin(&old.path).map_err(|source| AttachError::OpenPinned {
+        path: old.path.display().to_string(),
+        source,
+    })?;
+    match replace(FdLink::from(link)) {
+        Ok(_ours) => {
+            let path = pin_dir.link(hook, ifindex, ifname);
+            if old.path != path {
+                rename_pin(&old.path, &path)?;
+            }
+            Ok(true)
+        }
+        Err(error) => {
+            tracing::info!(%error, path = %old.path.display(), "pinned link is stale; attaching anew");
+            PinDir::unpin(&old.path)?;
+            Ok(false)
+        }
+    }
+}
+
+fn pin_link(
+    link: FdLink,
+    pin_dir: &PinDir,
+    hook: Hook,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<(), AttachError> {
+    link.pin(pin_dir.link(hook, ifindex, ifname))
+        .map(drop)
+        .map_err(|source| AttachError::Pin {
+            hook,
+            ifname: ifname.to_string(),
+            source,
+        })
+}
+
+fn rename_pin(from: &Path, to: &Path) -> Result<(), AttachError> {
+    std::fs::rename(from, to).map_err(|source| AttachError::Rename {
+        from: from.display().to_string(),
+        to: to.display().to_string(),
+        source,
+    })
+}
+
+fn not_a_link(hook: Hook, ifname: &str) -> AttachError {
+    AttachError::NotALink {
+        hook,
+        ifname: ifname.to_string(),
+    }
+}
+
+/// TCX is Linux >= 6.6; older kernels refuse its attach type with EINVAL.
+fn tcx_unsupported(error: &ProgramError) -> bool {
+    match error {
+        ProgramError::SyscallError(e) => matches!(
+            e.io_error.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP)
+        ),
+        _ => false,
+    }
+}
+
+/// The clsact fallback: replaces any filter of this program on the ingress hook. Unlike TCX
+/// this leaves a moment without the filter; it only runs on kernels older than 6.6.
+fn attach_tc_netlink(program: &mut SchedClassifier, ifname: &str) -> Result<(), ProgramError> {
+    if let Err(error) = tc::qdisc_add_clsact(ifname) {
+        tracing::debug!(ifname, %error, "clsact qdisc not added (usually: it exists)");
+    }
+    if let Some(name) = program.info()?.name_as_str() {
+        detach_tc_netlink(ifname, name);
+    }
+    let id = program.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(tc::NlOptions::default()),
+    )?;
+    // The filter lives in the qdisc, not in this process: dropping the link would delete it.
+    std::mem::forget(program.take_link(id)?);
+    Ok(())
+}
+
+fn detach_tc_netlink(ifname: &str, program_name: &str) {
+    // The filter carries the kernel's name of the program, cut to BPF_OBJ_NAME_LEN - 1.
+    let program_name = &program_name[..program_name.len().min(15)];
+    if let Err(error) = tc::qdisc_detach_program(ifname, TcAttachType::Ingress, program_name) {
+        tracing::debug!(ifname, program_name, %error, "no netlink filter to detach");
+    }
+}
