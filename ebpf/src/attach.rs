@@ -7,12 +7,14 @@
 //! never stacks a second program on the hook.
 
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachOptions, TcAttachType};
 use aya::programs::xdp::{XdpLink, XdpMode};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, Xdp};
+use aya_obj::generated::bpf_cmd;
 
 use crate::pin_dir::{Hook, PinDir, PinDirError};
 
@@ -146,9 +148,9 @@ pub(crate) fn attach_xdp_program(
     pin_link(link, pin_dir, hook, ifindex, ifname)
 }
 
-/// Detaches what we attached for `hook` on `ifindex`: removing the link's pin drops its last
-/// reference, which detaches it. Without a pin, a program attached through netlink (kernels
-/// without TCX) is removed by name if `ifname` still exists.
+/// Detaches what we attached for `hook` on `ifindex` and removes the link's pin. Without a
+/// pin, a program attached through netlink (kernels without TCX) is removed by name if the
+/// interface still exists.
 pub(crate) fn detach_program(
     pin_dir: &PinDir,
     hook: Hook,
@@ -156,13 +158,81 @@ pub(crate) fn detach_program(
     netlink_name: Option<(&str, &str)>,
 ) -> Result<(), AttachError> {
     match pin_dir.link_by_ifindex(hook, ifindex)? {
-        Some(pin) => Ok(PinDir::unpin(&pin.path)?),
+        Some(pin) => {
+            detach_pinned_link(&pin.path);
+            Ok(PinDir::unpin(&pin.path)?)
+        }
         None => {
             if let Some((ifname, program_name)) = netlink_name {
                 detach_tc_netlink(ifname, program_name);
             }
             Ok(())
         }
+    }
+}
+
+/// Detaches the link pinned at `path` now. Removing the pin alone would detach it only
+/// once its last reference is gone, and the kernel drops that reference from a workqueue:
+/// a caller that checks (or deletes the interface) right after would still see it.
+fn detach_pinned_link(path: &Path) {
+    let result = open_pinned_object(path).and_then(|link| {
+        let attr = LinkDetachAttr {
+            link_fd: link.as_raw_fd() as u32,
+        };
+        bpf_syscall(bpf_cmd::BPF_LINK_DETACH, &attr)
+    });
+    if let Err(error) = result {
+        // ENOLINK: its interface is gone and the kernel detached it already.
+        tracing::debug!(path = %path.display(), %error, "link not detached");
+    }
+}
+
+/// The `link_detach` member of union bpf_attr.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// The BPF_OBJ_GET member of union bpf_attr (pathname, bpf_fd, file_flags).
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// A descriptor of the BPF object pinned at `path` (aya keeps the one of a PinnedLink
+/// private).
+fn open_pinned_object(path: &Path) -> std::io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf_syscall(bpf_cmd::BPF_OBJ_GET, &attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// bpf(2) with `attr` as a prefix of union bpf_attr; the kernel zero-fills the rest.
+fn bpf_syscall<T>(cmd: bpf_cmd, attr: &T) -> std::io::Result<RawFd> {
+    // SAFETY: `attr` is a live #[repr(C)] value of the size passed, laid out as the start of
+    // union bpf_attr for `cmd`; the commands used here only read it (and the path string
+    // it may point to, which the caller keeps alive).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *const T,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc as RawFd)
     }
 }
 

@@ -4,8 +4,12 @@
 //! ```text
 //! <pin_dir>/fv_endpoints ...           maps (LIBBPF_PIN_BY_NAME in datapath.c)
 //! <pin_dir>/progs/<program>            the loaded programs
-//! <pin_dir>/links/<hook>.<ifindex>.<ifname>   TCX/XDP links we attached
+//! <pin_dir>/links/<hook>:<ifindex>:<ifname>   TCX/XDP links we attached
 //! ```
+//!
+//! bpffs refuses names with a dot ("reserved for future extensions"), which interface
+//! names may have (eth0.100); they can never have a colon, so the link names use colons
+//! for both the separators and the dots of the interface name.
 
 use std::fs::File;
 use std::io;
@@ -157,8 +161,9 @@ impl PinDir {
     }
 
     pub fn link(&self, hook: Hook, ifindex: u32, ifname: &str) -> PathBuf {
+        let ifname = ifname.replace('.', ":");
         self.links_dir()
-            .join(format!("{}.{ifindex}.{ifname}", hook.pin_prefix()))
+            .join(format!("{}:{ifindex}:{ifname}", hook.pin_prefix()))
     }
 
     /// Every link pinned for `hook`.
@@ -226,12 +231,12 @@ pub(crate) struct PinDirLock {
 }
 
 fn parse_link_name(hook: Hook, name: &str) -> Option<LinkPin> {
-    let rest = name.strip_prefix(hook.pin_prefix())?.strip_prefix('.')?;
-    let (ifindex, ifname) = rest.split_once('.')?;
+    let rest = name.strip_prefix(hook.pin_prefix())?.strip_prefix(':')?;
+    let (ifindex, ifname) = rest.split_once(':')?;
     Some(LinkPin {
         path: PathBuf::new(),
         ifindex: ifindex.parse().ok()?,
-        ifname: ifname.to_string(),
+        ifname: ifname.replace(':', "."),
     })
 }
 
@@ -256,11 +261,11 @@ mod tests {
         let dir = PinDir::new(Path::new("/sys/fs/bpf/x"));
         let path = dir.link(Hook::UplinkTc, 42, "eth0.100");
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        assert_eq!(name, "uplink-tc.42.eth0.100");
+        assert_eq!(name, "uplink-tc:42:eth0:100");
         let pin = parse_link_name(Hook::UplinkTc, &name).unwrap();
         assert_eq!((pin.ifindex, pin.ifname.as_str()), (42, "eth0.100"));
         assert!(parse_link_name(Hook::UplinkXdp, &name).is_none());
-        assert!(parse_link_name(Hook::Endpoint, "endpoint.x.tap0").is_none());
+        assert!(parse_link_name(Hook::Endpoint, "endpoint:x:tap0").is_none());
     }
 
     #[test]
