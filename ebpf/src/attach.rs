@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, TcAttachOptions, TcAttachType};
-use aya::programs::xdp::{XdpLink, XdpMode};
+use aya::programs::tc::{self, TcAttachOptions, TcAttachType};
+use aya::programs::xdp::XdpMode;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, Xdp};
 use aya_obj::generated::bpf_cmd;
 
@@ -70,6 +70,92 @@ pub(crate) fn ifindex_of(ifname: &str) -> Result<u32, AttachError> {
     }
 }
 
+/// A program's place: the hook on one interface, and where its link is pinned.
+struct Target<'a> {
+    pin_dir: &'a PinDir,
+    hook: Hook,
+    ifindex: u32,
+    ifname: &'a str,
+}
+
+impl Target<'_> {
+    fn attach_error(&self, source: ProgramError) -> AttachError {
+        AttachError::Attach {
+            hook: self.hook,
+            ifname: self.ifname.to_string(),
+            source,
+        }
+    }
+
+    fn not_a_link(&self) -> AttachError {
+        AttachError::NotALink {
+            hook: self.hook,
+            ifname: self.ifname.to_string(),
+        }
+    }
+
+    fn pin(&self, link: FdLink) -> Result<(), AttachError> {
+        link.pin(self.pin_dir.link(self.hook, self.ifindex, self.ifname))
+            .map(drop)
+            .map_err(|source| AttachError::Pin {
+                hook: self.hook,
+                ifname: self.ifname.to_string(),
+                source,
+            })
+    }
+
+    /// Moves link `id` out of `program` (dropping it there would detach it).
+    fn take_fd_link<P, I, L>(
+        &self,
+        program: &mut P,
+        id: I,
+        take_link: fn(&mut P, I) -> Result<L, ProgramError>,
+    ) -> Result<FdLink, AttachError>
+    where
+        FdLink: TryFrom<L>,
+    {
+        let link = take_link(program, id).map_err(|e| self.attach_error(e))?;
+        FdLink::try_from(link).map_err(|_| self.not_a_link())
+    }
+
+    /// Swaps `program` into the link pinned for this target; true when it did. A pinned
+    /// link whose interface is gone (its ifindex was reused) is removed instead.
+    fn swap_into_pinned_link<P, I, L>(
+        &self,
+        program: &mut P,
+        attach_to_link: fn(&mut P, L) -> Result<I, ProgramError>,
+        take_link: fn(&mut P, I) -> Result<L, ProgramError>,
+    ) -> Result<bool, AttachError>
+    where
+        L: TryFrom<FdLink>,
+        FdLink: TryFrom<L>,
+    {
+        let Some(old) = self.pin_dir.link_by_ifindex(self.hook, self.ifindex)? else {
+            return Ok(false);
+        };
+        let pinned = PinnedLink::from_pin(&old.path).map_err(|source| AttachError::OpenPinned {
+            path: old.path.display().to_string(),
+            source,
+        })?;
+        let link = L::try_from(FdLink::from(pinned)).map_err(|_| self.not_a_link())?;
+        match attach_to_link(program, link) {
+            Ok(id) => {
+                self.take_fd_link(program, id, take_link)?;
+                let path = self.pin_dir.link(self.hook, self.ifindex, self.ifname);
+                if old.path != path {
+                    rename_pin(&old.path, &path)?;
+                }
+                Ok(true)
+            }
+            Err(error) => {
+                tracing::info!(%error, path = %old.path.display(), "pinned link is stale; attaching anew");
+                PinDir::unpin(&old.path)?;
+                Ok(false)
+            }
+        }
+    }
+}
+
 /// Attaches a TC program to `ifname`'s ingress, or swaps it into the link pinned earlier.
 pub(crate) fn attach_tc_program(
     program: &mut SchedClassifier,
@@ -78,18 +164,17 @@ pub(crate) fn attach_tc_program(
     ifindex: u32,
     ifname: &str,
 ) -> Result<(), AttachError> {
-    let attach_error = |source| AttachError::Attach {
+    let target = Target {
+        pin_dir,
         hook,
-        ifname: ifname.to_string(),
-        source,
+        ifindex,
+        ifname,
     };
-    let replaced = attach_pinned(pin_dir, hook, ifindex, ifname, &mut |old: FdLink| {
-        let old = SchedClassifierLink::try_from(old).map_err(|_| not_a_link(hook, ifname))?;
-        let id = program.attach_to_link(old).map_err(attach_error)?;
-        FdLink::try_from(program.take_link(id).map_err(attach_error)?)
-            .map_err(|_| not_a_link(hook, ifname))
-    })?;
-    if replaced {
+    if target.swap_into_pinned_link(
+        program,
+        SchedClassifier::attach_to_link,
+        SchedClassifier::take_link,
+    )? {
         return Ok(());
     }
     let tcx = program.attach_with_options(
@@ -98,16 +183,12 @@ pub(crate) fn attach_tc_program(
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     );
     match tcx {
-        Ok(id) => {
-            let link = FdLink::try_from(program.take_link(id).map_err(attach_error)?)
-                .map_err(|_| not_a_link(hook, ifname))?;
-            pin_link(link, pin_dir, hook, ifindex, ifname)
-        }
+        Ok(id) => target.pin(target.take_fd_link(program, id, SchedClassifier::take_link)?),
         Err(error) if tcx_unsupported(&error) => {
             tracing::warn!(ifname, "no TCX on this kernel; attaching through clsact");
-            attach_tc_netlink(program, ifname).map_err(attach_error)
+            attach_tc_netlink(program, ifname).map_err(|e| target.attach_error(e))
         }
-        Err(error) => Err(attach_error(error)),
+        Err(error) => Err(target.attach_error(error)),
     }
 }
 
@@ -119,19 +200,13 @@ pub(crate) fn attach_xdp_program(
     ifindex: u32,
     ifname: &str,
 ) -> Result<(), AttachError> {
-    let hook = Hook::UplinkXdp;
-    let attach_error = |source| AttachError::Attach {
-        hook,
-        ifname: ifname.to_string(),
-        source,
+    let target = Target {
+        pin_dir,
+        hook: Hook::UplinkXdp,
+        ifindex,
+        ifname,
     };
-    let replaced = attach_pinned(pin_dir, hook, ifindex, ifname, &mut |old: FdLink| {
-        let old = XdpLink::try_from(old).map_err(|_| not_a_link(hook, ifname))?;
-        let id = program.attach_to_link(old).map_err(attach_error)?;
-        FdLink::try_from(program.take_link(id).map_err(attach_error)?)
-            .map_err(|_| not_a_link(hook, ifname))
-    })?;
-    if replaced {
+    if target.swap_into_pinned_link(program, Xdp::attach_to_link, Xdp::take_link)? {
         return Ok(());
     }
     let id = match program.attach_to_if_index(ifindex, XdpMode::Driver) {
@@ -140,12 +215,10 @@ pub(crate) fn attach_xdp_program(
             tracing::info!(ifname, %error, "no native XDP; attaching in generic (SKB) mode");
             program
                 .attach_to_if_index(ifindex, XdpMode::Skb)
-                .map_err(attach_error)?
+                .map_err(|e| target.attach_error(e))?
         }
     };
-    let link = FdLink::try_from(program.take_link(id).map_err(attach_error)?)
-        .map_err(|_| not_a_link(hook, ifname))?;
-    pin_link(link, pin_dir, hook, ifindex, ifname)
+    target.pin(target.take_fd_link(program, id, Xdp::take_link)?)
 }
 
 /// Detaches what we attached for `hook` on `ifindex` and removes the link's pin. Without a
@@ -236,67 +309,12 @@ fn bpf_syscall<T>(cmd: bpf_cmd, attr: &T) -> std::io::Result<RawFd> {
     }
 }
 
-/// Swaps the program into the link pinned for (`hook`, `ifindex`) with `replace`; true when
-/// it did. A pinned link whose interface is gone (the ifindex was reused) is removed.
-fn attach_pinned(
-    pin_dir: &PinDir,
-    hook: Hook,
-    ifindex: u32,
-    ifname: &str,
-    replace: &mut dyn FnMut(FdLink) -> Result<FdLink, AttachError>,
-) -> Result<bool, AttachError> {
-    let Some(old) = pin_dir.link_by_ifindex(hook, ifindex)? else {
-        return Ok(false);
-    };
-    let link = PinnedLink::from_pin(&old.path).map_err(|source| AttachError::OpenPinned {
-        path: old.path.display().to_string(),
-        source,
-    })?;
-    match replace(FdLink::from(link)) {
-        Ok(_ours) => {
-            let path = pin_dir.link(hook, ifindex, ifname);
-            if old.path != path {
-                rename_pin(&old.path, &path)?;
-            }
-            Ok(true)
-        }
-        Err(error) => {
-            tracing::info!(%error, path = %old.path.display(), "pinned link is stale; attaching anew");
-            PinDir::unpin(&old.path)?;
-            Ok(false)
-        }
-    }
-}
-
-fn pin_link(
-    link: FdLink,
-    pin_dir: &PinDir,
-    hook: Hook,
-    ifindex: u32,
-    ifname: &str,
-) -> Result<(), AttachError> {
-    link.pin(pin_dir.link(hook, ifindex, ifname))
-        .map(drop)
-        .map_err(|source| AttachError::Pin {
-            hook,
-            ifname: ifname.to_string(),
-            source,
-        })
-}
-
 fn rename_pin(from: &Path, to: &Path) -> Result<(), AttachError> {
     std::fs::rename(from, to).map_err(|source| AttachError::Rename {
         from: from.display().to_string(),
         to: to.display().to_string(),
         source,
     })
-}
-
-fn not_a_link(hook: Hook, ifname: &str) -> AttachError {
-    AttachError::NotALink {
-        hook,
-        ifname: ifname.to_string(),
-    }
 }
 
 /// TCX is Linux >= 6.6; older kernels refuse its attach type with EINVAL.

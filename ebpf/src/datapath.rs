@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::attach::{self, AttachError, attach_tc_program, attach_xdp_program, ifindex_of};
 use crate::forwarding::{self, EndpointConfig, ForwardingError, NetworkConfig, NetworkId};
 use crate::loader::{self, FROM_ENDPOINT, FROM_UPLINK, LoadError, Programs};
-use crate::maps::{FvCounters, Maps, MapsError};
+use crate::maps::{Counters, Maps, MapsError};
 use crate::pin_dir::{Hook, PinDir, PinDirError, PinDirLock};
 use crate::policy::{self, PolicyError, PolicyId, PolicyRule};
 use crate::testrun::{self, Program, TestRunError, TestRunInput, TestRunOutput};
@@ -34,37 +34,6 @@ pub enum UplinkMode {
     Tc,
     /// XDP (native, else generic) for known unicast, TC ingress for the rest.
     Xdp,
-}
-
-/// An endpoint's or uplink's counters, summed over CPUs. From the endpoint's point of view:
-/// tx is what it sent into the switch, rx what the switch delivered to it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub drop_spoof_mac: u64,
-    pub drop_spoof_ip: u64,
-    pub drop_spoof_arp: u64,
-    pub drop_policy: u64,
-    pub drop_no_route: u64,
-}
-
-impl From<FvCounters> for Counters {
-    fn from(c: FvCounters) -> Self {
-        Counters {
-            rx_packets: c.rx_packets,
-            rx_bytes: c.rx_bytes,
-            tx_packets: c.tx_packets,
-            tx_bytes: c.tx_bytes,
-            drop_spoof_mac: c.drop_spoof_mac,
-            drop_spoof_ip: c.drop_spoof_ip,
-            drop_spoof_arp: c.drop_spoof_arp,
-            drop_policy: c.drop_policy,
-            drop_no_route: c.drop_no_route,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,9 +231,7 @@ impl Datapath {
     pub fn counters_by_ifindex(&self, ifindex: u32) -> Result<Counters, DatapathError> {
         let state = self.state();
         let counters = state.maps.summed_counters(ifindex)?;
-        counters
-            .map(Counters::from)
-            .ok_or(DatapathError::NoCounters(ifindex))
+        counters.ok_or(DatapathError::NoCounters(ifindex))
     }
 
     /// Fills the maps for an endpoint on `ifindex` without attaching anything (for

@@ -14,12 +14,10 @@ mod policy;
 mod testrun;
 
 pub use attach::AttachError;
-pub use datapath::{
-    Counters, DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, UplinkMode,
-};
+pub use datapath::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, UplinkMode};
 pub use forwarding::{EndpointConfig, ForwardingError, NetworkConfig, NetworkId};
 pub use loader::LoadError;
-pub use maps::MapsError;
+pub use maps::{Counters, MapsError};
 pub use pin_dir::{Hook, PinDirError};
 pub use policy::{PolicyError, PolicyId, PolicyRule, Protocol};
 pub use testrun::{Program, TestRunError, TestRunInput, TestRunOutput};

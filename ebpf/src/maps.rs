@@ -145,10 +145,12 @@ pub struct FvRules {
     pub rules: [FvRule; MAX_RULES],
 }
 
-/// `struct fv_counters`: one CPU's counters of an endpoint or uplink.
+/// `struct fv_counters`: the counters of an endpoint or uplink, one CPU's in the map and
+/// summed over CPUs by [`crate::Datapath::counters`]. From the endpoint's point of view: tx
+/// is what it sent into the switch, rx what the switch delivered to it.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FvCounters {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -179,7 +181,7 @@ unsafe impl Pod for FvRule {}
 // SAFETY: as above.
 unsafe impl Pod for FvRules {}
 // SAFETY: as above.
-unsafe impl Pod for FvCounters {}
+unsafe impl Pod for Counters {}
 
 /// The address family tag of fv_addr_key/fv_policy_key and the address as 16 wire-order
 /// bytes (IPv4 in the first 4).
@@ -232,7 +234,7 @@ pub(crate) struct Maps {
     pub uplinks: HashMap<MapData, FvUplinkKey, u32>,
     pub addrs: HashMap<MapData, FvAddrKey, u8>,
     pub policy: LpmTrie<MapData, FvPolicyKeyData, FvRules>,
-    pub counters: PerCpuHashMap<MapData, u32, FvCounters>,
+    pub counters: PerCpuHashMap<MapData, u32, Counters>,
 }
 
 impl Maps {
@@ -263,7 +265,7 @@ impl Maps {
             operation: "size per-CPU values for",
             source: MapError::IoError(error),
         })?;
-        let zeros = PerCpuValues::try_from(vec![FvCounters::default(); cpus]).map_err(|error| {
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|error| {
             MapsError::Syscall {
                 name: "fv_counters",
                 operation: "size per-CPU values for",
@@ -276,9 +278,9 @@ impl Maps {
     }
 
     /// The counters of `ifindex` summed over CPUs, or None if it has none.
-    pub fn summed_counters(&self, ifindex: u32) -> Result<Option<FvCounters>, MapsError> {
+    pub fn summed_counters(&self, ifindex: u32) -> Result<Option<Counters>, MapsError> {
         match self.counters.get(&ifindex, 0) {
-            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(FvCounters::default(), add))),
+            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(Counters::default(), add))),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(MapsError::Syscall {
                 name: "fv_counters",
@@ -289,8 +291,8 @@ impl Maps {
     }
 }
 
-fn add(sum: FvCounters, cpu: &FvCounters) -> FvCounters {
-    FvCounters {
+fn add(sum: Counters, cpu: &Counters) -> Counters {
+    Counters {
         rx_packets: sum.rx_packets + cpu.rx_packets,
         rx_bytes: sum.rx_bytes + cpu.rx_bytes,
         tx_packets: sum.tx_packets + cpu.tx_packets,
@@ -413,7 +415,7 @@ mod tests {
         assert_eq!(size_of::<Key<FvPolicyKeyData>>(), 28);
         assert_eq!(size_of::<FvRule>(), 8);
         assert_eq!(size_of::<FvRules>(), 4 + 8 * MAX_RULES);
-        assert_eq!(size_of::<FvCounters>(), 72);
+        assert_eq!(size_of::<Counters>(), 72);
     }
 
     #[test]
