@@ -356,6 +356,30 @@ fn frame_on_an_unknown_tap_is_dropped() {
     assert_eq!(out.verdict, TC_ACT_SHOT);
 }
 
+#[test]
+fn reconfiguring_an_endpoint_replaces_its_mac_and_addresses() {
+    let dp = switch();
+    let new_mac = [0x02, 0, 0, 0, 0, 0x1a];
+    let new_ip = Ipv4Addr::new(10, 0, 0, 20);
+    dp.configure_endpoint_maps(EP_A, &endpoint(NET, new_mac, &[new_ip.into()]))
+        .unwrap();
+    let old_source = ipv4_frame(new_mac, MAC_PEER, IP_A, IP_PEER, tcp_to(80));
+    assert_drops(&dp, EP_A, &old_source, |c| c.drop_spoof_ip);
+    let new_source = ipv4_frame(new_mac, MAC_PEER, new_ip, IP_PEER, tcp_to(80));
+    assert_eq!(
+        from_endpoint(&dp, EP_A, &new_source).verdict,
+        TC_ACT_REDIRECT
+    );
+    // B's frame to A's old MAC is unknown unicast now: the uplink, not A.
+    let to_old_mac = ipv4_frame(MAC_B, MAC_A, IP_B, IP_A, tcp_to(80));
+    assert_eq!(
+        from_endpoint(&dp, EP_B, &to_old_mac).verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(counters(&dp, EP_A).rx_packets, 0);
+    assert_eq!(counters(&dp, UPLINK).rx_packets, 2);
+}
+
 // ---- policy ---------------------------------------------------------------------------
 
 fn allow(

@@ -17,10 +17,15 @@ pub struct TestDatapath {
     config: DatapathConfig,
 }
 
+/// A pin directory of its own for one test.
+pub fn unique_config() -> DatapathConfig {
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/ferrovirt-test-{}", unique_name("")));
+    DatapathConfig { pin_dir }
+}
+
 impl TestDatapath {
     pub fn load() -> TestDatapath {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/ferrovirt-test-{}", unique_name("")));
-        let config = DatapathConfig { pin_dir };
+        let config = unique_config();
         let datapath = Datapath::open_or_load(&config).expect("load the datapath (root, bpffs?)");
         TestDatapath {
             datapath: Some(datapath),
