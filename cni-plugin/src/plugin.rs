@@ -290,7 +290,10 @@ impl Call<'_> {
         let interfaces = match self.conf.mode {
             Mode::VhostUser => {
                 let mac = vhost_user::vm_mac(&self.conf, self.env).map_err(PluginError::ArgsMac)?;
-                vhost_user::add(&self.conf, self.env, mac, record, store)?
+                {
+                    let addresses: Vec<_> = ips.iter().map(|ip| ip.address.addr).collect();
+                    vhost_user::add(&self.conf, self.env, mac, &addresses, record, store)?
+                }
             }
             Mode::Sriov => {
                 let mac = self

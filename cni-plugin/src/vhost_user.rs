@@ -1,7 +1,10 @@
 //! Mode `vhost-user`: the VM's TAP in the host namespace, for the `ferrovirt-vhost-net` that
 //! will listen on the result's `socketPath`.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
+
+use ferrovirt_ebpf::{DEFAULT_PIN_DIR, Datapath, DatapathConfig, DatapathError, EndpointConfig};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +31,23 @@ pub enum VhostUserError {
     State(#[from] StateError),
     #[error("cannot create the socket directory {0}")]
     SocketDir(PathBuf, #[source] std::io::Error),
+    #[error("cannot attach TAP {tap} to network {network} of the eBPF datapath in {pin_dir}")]
+    Attach {
+        tap: String,
+        network: u32,
+        pin_dir: PathBuf,
+        // Boxed: the datapath's errors are large and this one is rare.
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("cannot detach TAP {tap} from the eBPF datapath in {pin_dir}")]
+    Detach {
+        tap: String,
+        pin_dir: PathBuf,
+        // Boxed: the datapath's errors are large and this one is rare.
+        #[source]
+        source: Box<DatapathError>,
+    },
     #[error("CHECK: {0}")]
     Check(String),
 }
@@ -51,6 +71,17 @@ pub struct VhostUserRecord {
     pub queues: u16,
     pub mtu: Option<u32>,
     pub socket_path: PathBuf,
+    /// Set before the endpoint is attached, so a half-done attach is detached too.
+    #[serde(default)]
+    pub endpoint: Option<EndpointRecord>,
+}
+
+/// The TAP's endpoint on the eBPF datapath.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRecord {
+    pub network: u32,
+    pub pin_dir: PathBuf,
 }
 
 /// The TAP's name: `fv` and 12 hex digits of a hash of container ID and ifname, so the same
@@ -77,12 +108,14 @@ pub fn vm_mac(
     }))
 }
 
-/// Creates the TAP and returns the result's interfaces: the host-side TAP, then the VM's
-/// interface (with `socketPath`), which the IPs point at.
+/// Creates the TAP, attaches it to the eBPF datapath when `networkId` is set (the VM may send
+/// only from `mac` and `addresses`), and returns the result's interfaces: the host-side TAP,
+/// then the VM's interface (with `socketPath`), which the IPs point at.
 pub fn add(
     conf: &NetConf,
     env: &CniEnv,
     mac: MacAddress,
+    addresses: &[IpAddr],
     record: &mut AttachmentRecord,
     store: &StateStore,
 ) -> Result<Vec<Interface>, VhostUserError> {
@@ -112,6 +145,7 @@ pub fn add(
         queues,
         mtu: conf.mtu,
         socket_path: socket_dir.join(format!("{name}.sock")),
+        endpoint: None,
     });
     store.save(record)?;
     tracing::info!(tap = %name, queues, "TAP created");
@@ -126,6 +160,21 @@ pub fn add(
             ..LinkChange::default()
         },
     )?;
+    if let Some(network) = conf.network_id {
+        let endpoint = EndpointRecord {
+            network,
+            pin_dir: conf
+                .bpf_pin_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        };
+        if let Some(vhost) = record.vhost_user.as_mut() {
+            vhost.endpoint = Some(endpoint.clone());
+        }
+        store.save(record)?;
+        attach_endpoint(&name, &endpoint, mac, addresses)?;
+        tracing::info!(tap = %name, network, "endpoint attached to the eBPF datapath");
+    }
     let vhost = record
         .vhost_user
         .as_ref()
@@ -156,8 +205,58 @@ fn interfaces(
     ]
 }
 
+fn attach_endpoint(
+    tap: &str,
+    endpoint: &EndpointRecord,
+    mac: MacAddress,
+    addresses: &[IpAddr],
+) -> Result<(), VhostUserError> {
+    let attach_error = |source| VhostUserError::Attach {
+        tap: tap.to_owned(),
+        network: endpoint.network,
+        pin_dir: endpoint.pin_dir.clone(),
+        source: Box::new(source),
+    };
+    let datapath = Datapath::open_or_load(&DatapathConfig {
+        pin_dir: endpoint.pin_dir.clone(),
+    })
+    .map_err(attach_error)?;
+    datapath
+        .attach_endpoint(
+            tap,
+            &EndpointConfig {
+                network: endpoint.network,
+                mac: mac.octets(),
+                addresses: addresses.to_vec(),
+                policy: None,
+            },
+        )
+        .map_err(attach_error)
+}
+
+fn detach_endpoint(tap: &str, endpoint: &EndpointRecord) -> Result<(), VhostUserError> {
+    // No pin directory: nothing of ours can be attached (and opening would load a fresh
+    // datapath just to find that out).
+    if !endpoint.pin_dir.exists() {
+        return Ok(());
+    }
+    let detach_error = |source| VhostUserError::Detach {
+        tap: tap.to_owned(),
+        pin_dir: endpoint.pin_dir.clone(),
+        source: Box::new(source),
+    };
+    Datapath::open_or_load(&DatapathConfig {
+        pin_dir: endpoint.pin_dir.clone(),
+    })
+    .and_then(|datapath| datapath.detach_endpoint(tap))
+    .map_err(detach_error)
+}
+
 /// Removes what [`add`] made; anything already gone is fine.
 pub fn teardown(record: &VhostUserRecord) -> Result<(), VhostUserError> {
+    if let Some(endpoint) = &record.endpoint {
+        detach_endpoint(&record.tap, endpoint)?;
+    }
     let mut netlink = Netlink::open()?;
     if let Some(link) = netlink.link(&record.tap, false)? {
         // Only delete a TUN/TAP: a different kind of link under our name is not ours.
@@ -208,6 +307,19 @@ pub fn check(
             "TAP {} is not owned by uid {uid}",
             record.tap
         )));
+    }
+    if let Some(endpoint) = &record.endpoint {
+        let attached = Datapath::open_or_load(&DatapathConfig {
+            pin_dir: endpoint.pin_dir.clone(),
+        })
+        .and_then(|datapath| datapath.counters(&record.tap));
+        if let Err(e) = attached {
+            return Err(VhostUserError::Check(format!(
+                "TAP {} is not an endpoint of the eBPF datapath in {}: {e}",
+                record.tap,
+                endpoint.pin_dir.display()
+            )));
+        }
     }
     let socket = record.socket_path.display().to_string();
     let listed = prev.interfaces.iter().any(|i| {

@@ -235,3 +235,109 @@ fn status_is_ok_when_ready_and_code_50_without_the_ipam_plugin() {
     assert_eq!(code, 50);
     assert!(msg.contains("no-such-ipam"), "{msg}");
 }
+
+/// A datapath in a pin directory of its own with network 7, destroyed on Drop.
+struct TestDatapath {
+    datapath: Option<ferrovirt_ebpf::Datapath>,
+    pin_dir: std::path::PathBuf,
+}
+
+impl TestDatapath {
+    fn load() -> TestDatapath {
+        let pin_dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/ferrovirt-test-{}",
+            ferrovirt_tests::unique_name("")
+        ));
+        let config = ferrovirt_ebpf::DatapathConfig {
+            pin_dir: pin_dir.clone(),
+        };
+        let datapath = ferrovirt_ebpf::Datapath::open_or_load(&config).unwrap();
+        datapath
+            .add_network(7, &ferrovirt_ebpf::NetworkConfig { vlan: None })
+            .unwrap();
+        TestDatapath {
+            datapath: Some(datapath),
+            pin_dir,
+        }
+    }
+
+    fn get(&self) -> &ferrovirt_ebpf::Datapath {
+        self.datapath.as_ref().expect("present until drop")
+    }
+
+    /// Whether a link is pinned for an interface called `ifname`.
+    fn has_link_pin_for(&self, ifname: &str) -> bool {
+        std::fs::read_dir(self.pin_dir.join("links"))
+            .map(|entries| {
+                entries.filter_map(Result::ok).any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .ends_with(&format!(":{ifname}"))
+                })
+            })
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for TestDatapath {
+    fn drop(&mut self) {
+        if let Some(datapath) = self.datapath.take()
+            && let Err(e) = datapath.destroy()
+        {
+            eprintln!("cannot destroy {}: {e}", self.pin_dir.display());
+        }
+    }
+}
+
+#[test]
+fn the_tap_becomes_an_ebpf_endpoint_until_del() {
+    let dp = TestDatapath::load();
+    let ns = NetNs::create("vu").unwrap();
+    let net = Network::new("vu-ebpf");
+    let a = Attachment::new(Some(ns.path()), "net1");
+    let conf = conf(
+        &net,
+        "1.1.0",
+        json!({"networkId": 7, "bpfPinDir": dp.pin_dir}),
+    );
+    let result = call("ADD", &a, &conf).ok();
+    let tap = tap_name(&a.container_id, "net1");
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{tap}/ifindex"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dp.has_link_pin_for(&tap));
+    dp.get().counters(&tap).unwrap();
+    call("CHECK", &a, &with_prev(&conf, &result)).ok();
+
+    call("DEL", &a, &conf).ok();
+    assert!(!dp.has_link_pin_for(&tap), "endpoint link left pinned");
+    assert!(
+        dp.get().counters_by_ifindex(ifindex).is_err(),
+        "endpoint maps left"
+    );
+    assert!(!link_exists(&tap));
+    call("DEL", &a, &conf).ok();
+}
+
+#[test]
+fn an_unknown_network_fails_add_without_leaking_tap_lease_or_endpoint() {
+    let dp = TestDatapath::load();
+    let ns = NetNs::create("vu").unwrap();
+    let net = Network::new("vu-ebpfbad");
+    let a = Attachment::new(Some(ns.path()), "net1");
+    let conf = conf(
+        &net,
+        "1.1.0",
+        json!({"networkId": 99, "bpfPinDir": dp.pin_dir}),
+    );
+    let (code, msg) = call("ADD", &a, &conf).error();
+    assert_eq!(code, 100);
+    assert!(msg.contains("network 99"), "{msg}");
+    let tap = tap_name(&a.container_id, "net1");
+    assert!(!link_exists(&tap));
+    assert!(!dp.has_link_pin_for(&tap));
+    assert!(net.leases().is_empty());
+    assert_eq!(net.records(), 0);
+}
