@@ -2,9 +2,8 @@
 //! opens them: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, plus `IFF_MULTI_QUEUE` for more than one
 //! queue pair (the flag must match, or the backend's TUNSETIFF fails with EINVAL).
 
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,14 +28,6 @@ pub struct TapSpec {
     pub group: Option<u32>,
 }
 
-/// `struct ifreq` as TUNSETIFF uses it: a name and the flags.
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 pub fn tap_flags(queues: u16) -> libc::c_int {
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
     if queues > 1 {
@@ -51,22 +42,20 @@ pub fn create_tap(name: &str, spec: TapSpec) -> Result<(), TapError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
         return Err(TapError::BadName(name.to_owned()));
     }
-    let tun = OpenOptions::new()
+    // std opens with O_CLOEXEC; this descriptor only lives until the TAP is persistent.
+    let tun = File::options()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .map_err(TapError::OpenTun)?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: tap_flags(spec.queues) as libc::c_short,
-        _pad: [0; 22],
-    };
-    for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+    // SAFETY: `ifreq` is plain old data (a name and a union of integers); all zeroes is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
+    req.ifr_ifru.ifru_flags = tap_flags(spec.queues) as libc::c_short;
     let fd = tun.as_raw_fd();
-    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is laid out as.
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is.
     if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req) } < 0 {
         return Err(TapError::Create(
             name.to_owned(),
