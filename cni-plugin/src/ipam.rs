@@ -1,10 +1,10 @@
 //! IPAM delegation (spec §"Delegated plugins"): runs the plugin named by `ipam.type` from
 //! `CNI_PATH` with our environment and our stdin, and reads its result.
 
-use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
+use std::sync::Mutex;
 
 use serde_json::Value;
 
@@ -78,7 +78,8 @@ pub struct Ipam {
     binary: PathBuf,
     stdin: Value,
     /// The version we speak to the plugin: the config's, or lower after it refused that one.
-    version: Cell<CniVersion>,
+    /// Behind a mutex so DEL can release the lease from a second thread.
+    version: Mutex<CniVersion>,
 }
 
 impl Ipam {
@@ -100,7 +101,7 @@ impl Ipam {
             plugin: plugin.to_owned(),
             binary,
             stdin,
-            version: Cell::new(version),
+            version: Mutex::new(version),
         })
     }
 
@@ -133,11 +134,15 @@ impl Ipam {
             Err(IpamError::Plugin { error, .. }) if error.code == 1 => {
                 let version = self.negotiate()?;
                 tracing::debug!(plugin = %self.plugin, version = version.as_str(), "IPAM plugin version negotiated");
-                self.version.set(version);
+                *self.version.lock().unwrap_or_else(|p| p.into_inner()) = version;
                 self.exec(command, attachment)
             }
             other => other,
         }
+    }
+
+    fn version(&self) -> CniVersion {
+        *self.version.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn negotiate(&self) -> Result<CniVersion, IpamError> {
@@ -154,7 +159,7 @@ impl Ipam {
         theirs
             .iter()
             .filter_map(|v| CniVersion::parse(v))
-            .filter(|v| *v <= self.version.get())
+            .filter(|v| *v <= self.version())
             .max()
             .ok_or_else(|| IpamError::NoCommonVersion {
                 plugin: self.plugin.clone(),
@@ -168,7 +173,7 @@ impl Ipam {
         attachment: Option<(&str, &str)>,
     ) -> Result<Option<Value>, IpamError> {
         let mut stdin = self.stdin.clone();
-        stdin["cniVersion"] = Value::from(self.version.get().as_str());
+        stdin["cniVersion"] = Value::from(self.version().as_str());
         let mut process = Process::new(&self.binary);
         process
             .env("CNI_COMMAND", command.as_str())

@@ -424,13 +424,44 @@ impl Call<'_> {
     }
 }
 
-/// Removes everything `record` says exists: the mode's objects, then the IPAM lease. Goes
-/// on after a failed step and returns the first failure.
+/// Removes everything `record` says exists: the mode's objects and the IPAM lease. Goes on
+/// after a failed step and returns the first failure.
+///
+/// The lease is released on a second thread while the mode's objects go: both mostly wait
+/// (for the IPAM plugin's process; for the RCU grace periods of unregistering a link, ~20 ms),
+/// so DEL takes the longer of the two instead of their sum. An address reused meanwhile
+/// is no conflict: the eBPF datapath keys endpoint addresses by interface, and the old TAP
+/// has no backend left to send from it.
 fn teardown(
     record: &AttachmentRecord,
     netns: Option<&Path>,
     ipam: Option<&Ipam>,
 ) -> Result<(), PluginError> {
+    let release = |ipam: &Ipam| ipam.del(Some((&record.container_id, &record.ifname)));
+    let (mode, lease) = std::thread::scope(|scope| {
+        let lease = ipam
+            .filter(|_| record.ipam_leased)
+            .map(|ipam| scope.spawn(move || release(ipam)));
+        let mode = teardown_mode(record, netns);
+        let lease = lease.map(|handle| {
+            handle.join().unwrap_or_else(|_| {
+                Err(IpamError::Spawn(
+                    PathBuf::from("ipam"),
+                    std::io::Error::other("the IPAM release thread panicked"),
+                ))
+            })
+        });
+        (mode, lease)
+    });
+    mode?;
+    if let Some(lease) = lease {
+        lease?;
+    }
+    Ok(())
+}
+
+/// The mode's part of [`teardown`].
+fn teardown_mode(record: &AttachmentRecord, netns: Option<&Path>) -> Result<(), PluginError> {
     let mut first: Option<PluginError> = None;
     if let Some(vhost) = &record.vhost_user
         && let Err(e) = vhost_user::teardown(vhost)
@@ -439,12 +470,6 @@ fn teardown(
     }
     if let Some(sriov) = &record.sriov
         && let Err(e) = sriov::teardown(sriov, &record.ifname, netns)
-    {
-        first.get_or_insert(e.into());
-    }
-    if record.ipam_leased
-        && let Some(ipam) = ipam
-        && let Err(e) = ipam.del(Some((&record.container_id, &record.ifname)))
     {
         first.get_or_insert(e.into());
     }
