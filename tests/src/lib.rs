@@ -18,8 +18,8 @@ pub mod vhost_user_frontend;
 pub mod vmm;
 
 pub use artifacts::{
-    repo_root, testguest, try_testguest, try_vhost_blk_binary, try_vhost_net_binary,
-    try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
+    repo_root, testguest, try_cni_binary, try_testguest, try_vhost_blk_binary,
+    try_vhost_net_binary, try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{CleanupGuard, Link, NetNs, Tap, link_exists, unique_name};
