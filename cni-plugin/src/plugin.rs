@@ -478,3 +478,34 @@ fn teardown_mode(record: &AttachmentRecord, netns: Option<&Path>) -> Result<(), 
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_object_has_the_message_once_and_the_causes_as_details() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let error = PluginError::State(StateError::CreateDir("/x".into(), io));
+        let object = error.to_error_object("1.0.0");
+        assert_eq!(object.code, 5);
+        assert_eq!(object.cni_version, "1.0.0");
+        assert!(
+            object
+                .msg
+                .starts_with("cannot create the state directory /x"),
+            "{object:?}"
+        );
+        assert!(object.details.contains("Permission denied"), "{object:?}");
+        assert!(!object.details.contains("cannot create"), "{object:?}");
+    }
+
+    #[test]
+    fn a_missing_environment_is_code_4_in_the_callers_version() {
+        let outcome = run(|_| None, br#"{"cniVersion": "0.4.0"}"#);
+        assert_eq!(outcome.exit_code, 1);
+        let object: ErrorObject = serde_json::from_str(&outcome.stdout).unwrap();
+        assert_eq!((object.code, object.cni_version.as_str()), (4, "0.4.0"));
+        assert!(object.msg.contains("CNI_COMMAND"), "{object:?}");
+    }
+}

@@ -315,3 +315,31 @@ fn del_after_the_netns_is_deleted_restores_the_vf_and_releases_the_lease() {
     assert!(net.leases().is_empty());
     assert_eq!(net.records(), 0);
 }
+
+#[test]
+fn status_needs_a_readable_sysfs() {
+    let fake = FakeSriov::new("vfio-pci");
+    let net = Network::new("sr-status");
+    let mut c = conf(&net, json!({}));
+    c["cniVersion"] = json!("1.1.0");
+    let root = fake.root().display().to_string();
+    call_plugin(
+        &plugin_binary(),
+        "STATUS",
+        None,
+        &c,
+        &[(SYSFS_ROOT_ENV, &root)],
+    )
+    .ok();
+    let missing = fake.root().join("nowhere").display().to_string();
+    let reply = call_plugin(
+        &plugin_binary(),
+        "STATUS",
+        None,
+        &c,
+        &[(SYSFS_ROOT_ENV, &missing)],
+    );
+    let (code, msg) = reply.error();
+    assert_eq!(code, 50);
+    assert!(msg.contains("bus/pci/devices"), "{msg}");
+}

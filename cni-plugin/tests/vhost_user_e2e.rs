@@ -341,3 +341,22 @@ fn an_unknown_network_fails_add_without_leaking_tap_lease_or_endpoint() {
     assert!(net.leases().is_empty());
     assert_eq!(net.records(), 0);
 }
+
+#[test]
+fn a_repeated_add_replaces_the_attachment_instead_of_leaking_one() {
+    let ns = NetNs::create("vu").unwrap();
+    let net = Network::new("vu-readd");
+    let a = Attachment::new(Some(ns.path()), "net1");
+    let conf = conf(&net, "1.1.0", json!({}));
+    let first = call("ADD", &a, &conf).ok();
+    let second = call("ADD", &a, &conf).ok();
+    assert_eq!(
+        first["interfaces"][0]["name"],
+        second["interfaces"][0]["name"]
+    );
+    assert!(link_exists(&tap_name(&a.container_id, "net1")));
+    assert_eq!(net.leases(), vec![a.container_id.clone()]);
+    assert_eq!(net.records(), 1);
+    call("DEL", &a, &conf).ok();
+    assert!(net.leases().is_empty());
+}
