@@ -16,9 +16,11 @@
 //! Offloads measured to matter on veth (issue 5):
 //! - native XDP redirect into a veth delivers only when the receiving peer has GRO on (or an
 //!   XDP program), so every VM end and the peer end get GRO on;
-//! - TCP and UDP through a redirect need checksum and segmentation offload off on the
-//!   endpoints (a CHECKSUM_PARTIAL skb that crosses XDP loses its checksum metadata), so VM
-//!   and peer ends get `tx off tso off gso off` unless the spec says otherwise.
+//! - TCP through an XDP redirect needs checksum and segmentation offload off on the sending
+//!   ends (measured: with them on, iperf3 between the peer and a VM stalls in both
+//!   directions once the uplink has XDP), so VM and peer ends get `tx off tso off gso off`
+//!   unless the spec says otherwise. A TC redirect between veths carries CHECKSUM_PARTIAL
+//!   and GSO skbs fine (measured: 14 Gbit/s VM to VM with offloads on).
 
 use std::fs::File;
 use std::io::{Read, Seek};
