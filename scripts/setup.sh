@@ -18,8 +18,11 @@ set -euo pipefail
 #   e2fsprogs        mkfs.ext4 for vhost-blk's inflight crash test, which holds writes in
 #                    flight by freezing a loop-mounted file system (losetup/mount/fsfreeze are
 #                    util-linux, always present); the kernel has no device-mapper for dm-delay
-# Later suites add theirs here (qemu-utils for blk images, clang/libbpf-dev for eBPF).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs)
+#   clang            ebpf/build.rs compiles the datapath's C programs for the bpf target
+#   libbpf-dev       bpf/bpf_helpers.h and bpf_endian.h for those programs
+#   iperf3           bounded TCP runs through the eBPF datapath in the ebpf namespace tests
+# Later suites add theirs here (qemu-utils for blk images).
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -76,6 +79,11 @@ fi
 # TAP devices for the network tests.
 if [ ! -e /dev/net/tun ]; then
     as_root modprobe tun 2>/dev/null || log "warning: /dev/net/tun missing and 'modprobe tun' failed; TAP tests will fail"
+fi
+
+# bpffs at /sys/fs/bpf: the eBPF datapath pins its maps, programs and links there.
+if ! mountpoint -q /sys/fs/bpf; then
+    as_root mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf (needed by the ebpf tests)"
 fi
 
 log "ok"

@@ -280,6 +280,12 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 		return FV_DROP_POLICY + 1;
 	if (!mac_eq(eth->h_source, ep->mac))
 		return FV_DROP_SPOOF_MAC + 1;
+	/* VMs send untagged frames; the network decides the VLAN. The receive path moves an
+	 * 802.1Q tag into the skb (skb_vlan_untag) before TC ingress, so a tagged frame from a
+	 * TAP shows up here as vlan_present with the inner EtherType in the header; the check
+	 * of h_proto at the end catches the tag only where it stayed in the frame. */
+	if (skb->vlan_present)
+		return FV_DROP_POLICY + 1;
 
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
@@ -315,6 +321,7 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 		__u8 *l4 = (__u8 *)(ip6 + 1);
 		__u16 dport = 0;
 		int has_port = 0;
+		int neighbor_discovery = 0;
 
 		if ((void *)(ip6 + 1) > data_end)
 			return FV_DROP_POLICY + 1;
@@ -324,6 +331,9 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 			/* A router advertisement from a VM would hijack its neighbours' routes. */
 			if (type == 134)
 				return FV_DROP_SPOOF_ARP + 1;
+			/* Router and neighbour solicitations and advertisements are IPv6's ARP:
+			 * like ARP they pass the policy, or no allowed IPv6 peer is reachable. */
+			neighbor_discovery = type == 133 || type == 135 || type == 136;
 			if (type == 135 || type == 136) {
 				/* NS/NA: 8-byte header, target address, then the first option. The
 				 * link-layer address it carries must be the endpoint's own. */
@@ -351,8 +361,9 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 			dport = bpf_ntohs(*(__be16 *)(l4 + 2));
 			has_port = 1;
 		}
-		if (ep->policy && !policy_allows(ep->policy, FV_FAMILY_IPV6, &ip6->daddr,
-						 ip6->nexthdr, has_port, dport))
+		if (ep->policy && !neighbor_discovery &&
+		    !policy_allows(ep->policy, FV_FAMILY_IPV6, &ip6->daddr, ip6->nexthdr, has_port,
+				   dport))
 			return FV_DROP_POLICY + 1;
 		return 0;
 	}
@@ -372,7 +383,7 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 		return 0;
 	}
 
-	/* VMs send untagged frames; the network decides the VLAN. */
+	/* A tag (or a second one) left in the frame. */
 	if (eth->h_proto == ETH_P_8021Q_BE || eth->h_proto == bpf_htons(ETH_P_8021AD))
 		return FV_DROP_POLICY + 1;
 	return 0;

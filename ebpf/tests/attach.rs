@@ -1,0 +1,327 @@
+//! Attaching to real interfaces: TCX links on TAPs and veths, XDP on an uplink, pins that
+//! outlive the Datapath handle, and the errors a caller can get. Needs root and bpffs.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use aya::Pod;
+use aya::maps::{HashMap, Map, MapData};
+use aya::programs::SchedClassifier;
+use aya::programs::tc::TcAttachType;
+use common::TestDatapath;
+use ferrovirt_ebpf::maps::{FvAddrKey, FvEndpoint, FvFdbKey, FvNetwork};
+use ferrovirt_ebpf::{
+    AttachError, Datapath, DatapathError, EndpointConfig, ForwardingError, NetworkConfig,
+    UplinkMode,
+};
+use ferrovirt_tests::names::{CleanupGuard, Tap, ip, unique_name};
+
+const NET: u32 = 1;
+const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10));
+
+fn endpoint() -> EndpointConfig {
+    EndpointConfig {
+        network: NET,
+        mac: MAC,
+        addresses: vec![IP],
+        policy: None,
+    }
+}
+
+fn switch() -> TestDatapath {
+    let dp = TestDatapath::load();
+    dp.add_network(NET, &NetworkConfig::default()).unwrap();
+    dp
+}
+
+fn ifindex(ifname: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/ifindex"))
+        .expect("interface exists")
+        .trim()
+        .parse()
+        .expect("numeric ifindex")
+}
+
+/// Ids of the programs on `ifname`'s TCX ingress.
+fn tcx_ingress_programs(ifname: &str) -> Vec<u32> {
+    let (_, programs) =
+        SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).expect("query TCX");
+    programs.iter().map(|p| p.id()).collect()
+}
+
+/// True if `ip link` shows an XDP program (native or generic) on `ifname`.
+fn has_xdp(ifname: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["link", "show", "dev", ifname])
+        .output()
+        .expect("run ip");
+    let first_line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    first_line.contains(" xdp")
+}
+
+fn pinned_hash<K: Pod, V: Pod>(dp: &TestDatapath, name: &str) -> HashMap<MapData, K, V> {
+    let data = MapData::from_pin(dp.config().pin_dir.join(name)).expect(name);
+    HashMap::try_from(Map::from_map_data(data).expect(name)).expect(name)
+}
+
+/// Asserts no map holds anything of the endpoint on `ifindex`.
+fn assert_no_entries_of(dp: &TestDatapath, ifindex: u32) {
+    let endpoints: HashMap<_, u32, FvEndpoint> = pinned_hash(dp, "fv_endpoints");
+    assert!(endpoints.get(&ifindex, 0).is_err(), "endpoint entry left");
+    let fdb: HashMap<_, FvFdbKey, u32> = pinned_hash(dp, "fv_fdb");
+    assert!(fdb.keys().next().is_none(), "FDB entry left");
+    let addrs: HashMap<_, FvAddrKey, u8> = pinned_hash(dp, "fv_addrs");
+    assert!(addrs.keys().next().is_none(), "address entry left");
+    let networks: HashMap<_, u32, FvNetwork> = pinned_hash(dp, "fv_networks");
+    let net = networks.get(&NET, 0).expect("network stays");
+    assert!(net.members().is_empty(), "still a flood member");
+    assert!(matches!(
+        dp.counters_by_ifindex(ifindex),
+        Err(DatapathError::NoCounters(_))
+    ));
+}
+
+#[test]
+fn attaching_an_endpoint_twice_leaves_one_program_on_its_ingress() {
+    let dp = switch();
+    let tap = Tap::create("fvat", false).unwrap();
+    dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    let first = tcx_ingress_programs(tap.name());
+    assert_eq!(first.len(), 1);
+    dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    assert_eq!(
+        tcx_ingress_programs(tap.name()),
+        first,
+        "the same single program"
+    );
+    assert_eq!(dp.counters(tap.name()).unwrap().tx_packets, 0);
+}
+
+#[test]
+fn detaching_an_endpoint_removes_its_program_and_map_entries() {
+    let dp = switch();
+    let tap = Tap::create("fvdt", false).unwrap();
+    dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    dp.detach_endpoint(tap.name()).unwrap();
+    assert!(tcx_ingress_programs(tap.name()).is_empty());
+    assert_no_entries_of(&dp, ifindex(tap.name()));
+    dp.detach_endpoint(tap.name())
+        .expect("detaching twice is fine");
+}
+
+#[test]
+fn detaching_after_the_interface_is_gone_still_removes_map_entries() {
+    let dp = switch();
+    let tap = Tap::create("fvgo", false).unwrap();
+    let name = tap.name().to_string();
+    let tap_ifindex = ifindex(&name);
+    dp.attach_endpoint(&name, &endpoint()).unwrap();
+    drop(tap);
+    dp.detach_endpoint(&name).unwrap();
+    assert_no_entries_of(&dp, tap_ifindex);
+}
+
+#[test]
+fn a_second_datapath_opened_from_the_pins_shares_maps_programs_and_links() {
+    let dp = switch();
+    let tap = Tap::create("fvre", false).unwrap();
+    dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    let program = tcx_ingress_programs(tap.name());
+
+    let second = Datapath::open_or_load(dp.config()).unwrap();
+    second
+        .counters(tap.name())
+        .expect("sees the first one's counters");
+    second.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    assert_eq!(
+        tcx_ingress_programs(tap.name()),
+        program,
+        "the pinned program, not a second load"
+    );
+    second.detach_endpoint(tap.name()).unwrap();
+    drop(second);
+    assert!(tcx_ingress_programs(tap.name()).is_empty());
+    assert_no_entries_of(&dp, ifindex(tap.name()));
+}
+
+#[test]
+fn attached_programs_outlive_the_datapath_handle() {
+    let dp = switch();
+    let tap = Tap::create("fvol", false).unwrap();
+    {
+        let short_lived = Datapath::open_or_load(dp.config()).unwrap();
+        short_lived
+            .attach_endpoint(tap.name(), &endpoint())
+            .unwrap();
+    }
+    assert_eq!(tcx_ingress_programs(tap.name()).len(), 1);
+}
+
+/// A veth pair, both ends up; deleted on Drop.
+fn veth() -> CleanupGuard {
+    let name = unique_name("fvu");
+    let peer = unique_name("fvq");
+    ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]).unwrap();
+    let guard = CleanupGuard::new(name, |name| {
+        let _ = ip(&["link", "del", name]);
+    });
+    for end in [guard.name(), &peer] {
+        ip(&["link", "set", end, "up"]).unwrap();
+    }
+    guard
+}
+
+#[test]
+fn xdp_uplink_gets_xdp_and_tc_and_detaching_removes_both() {
+    let dp = switch();
+    let uplink = veth();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Xdp)
+        .unwrap();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Xdp)
+        .unwrap();
+    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+    assert!(has_xdp(uplink.name()));
+    dp.counters(uplink.name()).expect("uplink counters");
+
+    dp.detach_uplink(uplink.name(), NET).unwrap();
+    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+    assert!(!has_xdp(uplink.name()));
+}
+
+#[test]
+fn switching_an_uplink_to_tc_mode_removes_its_xdp_program() {
+    let dp = switch();
+    let uplink = veth();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Xdp)
+        .unwrap();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Tc)
+        .unwrap();
+    assert!(!has_xdp(uplink.name()));
+    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+}
+
+#[test]
+fn an_uplink_shared_by_two_networks_stays_until_the_last_detaches() {
+    let dp = switch();
+    dp.add_network(2, &NetworkConfig { vlan: Some(100) })
+        .unwrap();
+    let uplink = veth();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Tc)
+        .unwrap();
+    dp.attach_uplink(uplink.name(), 2, UplinkMode::Tc).unwrap();
+    dp.detach_uplink(uplink.name(), NET).unwrap();
+    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+    dp.remove_network(2).unwrap();
+    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+}
+
+#[test]
+fn destroy_detaches_everything() {
+    let dp = switch();
+    let tap = Tap::create("fvds", false).unwrap();
+    let uplink = veth();
+    dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
+    dp.attach_uplink(uplink.name(), NET, UplinkMode::Xdp)
+        .unwrap();
+    let pin_dir = dp.config().pin_dir.clone();
+    drop(dp); // TestDatapath::drop calls destroy
+    assert!(tcx_ingress_programs(tap.name()).is_empty());
+    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+    assert!(!has_xdp(uplink.name()));
+    assert!(!pin_dir.exists());
+}
+
+// ---- errors ---------------------------------------------------------------------------
+
+#[test]
+fn attaching_to_a_missing_interface_says_so() {
+    let dp = switch();
+    let err = dp.attach_endpoint("fvnosuchif0", &endpoint()).unwrap_err();
+    assert!(
+        matches!(err, DatapathError::Attach(AttachError::InterfaceMissing(ref name)) if name == "fvnosuchif0"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn attaching_to_an_unknown_network_says_so() {
+    let dp = switch();
+    let tap = Tap::create("fvun", false).unwrap();
+    let config = EndpointConfig {
+        network: 42,
+        ..endpoint()
+    };
+    let err = dp.attach_endpoint(tap.name(), &config).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatapathError::Forwarding(ForwardingError::UnknownNetwork(42))
+        ),
+        "{err}"
+    );
+    assert!(
+        tcx_ingress_programs(tap.name()).is_empty(),
+        "nothing attached"
+    );
+}
+
+#[test]
+fn out_of_range_vlans_are_refused() {
+    let dp = switch();
+    for vlan in [0, 4095] {
+        let err = dp
+            .add_network(2, &NetworkConfig { vlan: Some(vlan) })
+            .unwrap_err();
+        assert!(
+            matches!(err, DatapathError::Forwarding(ForwardingError::BadVlan(v)) if v == vlan),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_network_with_endpoints_cannot_be_removed() {
+    let dp = switch();
+    dp.configure_endpoint_maps(900_001, &endpoint()).unwrap();
+    let err = dp.remove_network(NET).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatapathError::Forwarding(ForwardingError::NetworkInUse { members: 1, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_endpoints_cannot_claim_one_mac_on_a_network() {
+    let dp = switch();
+    dp.configure_endpoint_maps(900_001, &endpoint()).unwrap();
+    let err = dp
+        .configure_endpoint_maps(900_002, &endpoint())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatapathError::Forwarding(ForwardingError::MacInUse { owner: 900_001, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pin_dir_outside_bpffs_is_refused_with_the_mount_to_make() {
+    let config = ferrovirt_ebpf::DatapathConfig {
+        pin_dir: std::env::temp_dir().join(unique_name("fvnobpffs")),
+    };
+    let err = Datapath::open_or_load(&config).err().expect("not on bpffs");
+    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+}
