@@ -152,7 +152,7 @@ fn notes() -> Vec<String> {
              (a VLAN push or pop would change the path from the second run on; every case \
              checks the last verdict and that no run was dropped). \
              allowed_to_uplink: VM A's IPv4/UDP to an unknown MAC (MAC and IP anti-spoof, \
-             redirect to the uplink); to_vm: A to VM B's MAC (anti-spoof, FDB hit, redirect); \
+             redirect to the uplink); redirect_to_vm: A to VM B's MAC (anti-spoof, FDB hit, redirect); \
              policy_to_vm: VM C, whose policy has 8 rules over 5 CIDRs, to B's UDP port 5201, \
              allowed by a rule of the longest prefix; uplink_to_vm: a frame from the uplink to \
              A (TC: uplink lookup, FDB, redirect); xdp_uplink_to_vm: the same in XDP."
