@@ -22,7 +22,9 @@ pub enum Program {
 pub struct TestRunInput<'a> {
     pub frame: &'a [u8],
     pub ingress_ifindex: u32,
-    /// Runs per call (at least 1); the duration is their average.
+    /// Runs per call (at least 1); the duration is their average. The kernel runs the
+    /// program on the same skb each time, so a program that changes the frame (pops a VLAN
+    /// tag) sees its own output from the second run on.
     pub repeat: u32,
 }
 
