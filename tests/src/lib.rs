@@ -5,9 +5,13 @@
 pub mod artifacts;
 pub mod blk_pattern;
 pub mod bzimage;
+pub mod frames;
 pub mod http;
+pub mod iperf3;
 pub mod kernel;
 pub mod names;
+pub mod netns_topology;
+pub mod packet_socket;
 pub mod process;
 pub mod qemu_net;
 pub mod storage_daemon;
@@ -22,7 +26,7 @@ pub use artifacts::{
     try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
-pub use names::{CleanupGuard, NetNs, Tap, unique_name};
+pub use names::{BpfPinDir, CleanupGuard, NetNs, Tap, unique_name};
 pub use process::{GuardedProcess, ProcessExit, ScratchDir};
 pub use storage_daemon::StorageDaemon;
 pub use testpmd::{PacketSocket, Testpmd};

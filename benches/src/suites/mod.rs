@@ -1,7 +1,8 @@
 //! The registry of benchmark suites. A suite is one function from the run settings to a
-//! report; adding one (`blk`, `net`) is a module here and one line in [`SUITES`].
+//! report; adding one (`blk`, `net`, `datapath`) is a module here and one line in [`SUITES`].
 
 pub mod blk;
+pub mod datapath;
 pub mod net;
 pub mod vmm_startup;
 
@@ -23,7 +24,7 @@ pub struct Suite {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const SUITES: &[Suite] = &[vmm_startup::SUITE, blk::SUITE, net::SUITE];
+pub const SUITES: &[Suite] = &[vmm_startup::SUITE, blk::SUITE, net::SUITE, datapath::SUITE];
 
 /// The suite called `name`.
 pub fn find(name: &str) -> Option<&'static Suite> {
