@@ -20,6 +20,7 @@ pub mod vhost_blk;
 pub mod vhost_net;
 pub mod vhost_user_frontend;
 pub mod vmm;
+pub mod xdp_live_frames;
 
 pub use artifacts::{
     repo_root, testguest, try_testguest, try_vhost_blk_binary, try_vhost_net_binary,
