@@ -225,28 +225,38 @@ pub fn transmit_until(
     stop: &AtomicBool,
 ) -> Result<u64, XdpLiveFramesError> {
     let program = XdpTxProgram::load()?;
-    let c_name =
-        std::ffi::CString::new(interface).map_err(|_| XdpLiveFramesError::NoInterface {
-            interface: interface.to_string(),
-            netns: netns.name().to_string(),
-        })?;
+    on_interface_in_netns(netns, interface, |ifindex| {
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            program.transmit(frame, ifindex, FRAMES_PER_CALL, batch)?;
+            sent += u64::from(FRAMES_PER_CALL);
+        }
+        Ok(sent)
+    })
+}
+
+/// Runs `f` with `interface`'s ifindex on a thread inside `netns`: bpf(2) resolves the
+/// ifindexes it is given (test_run's ingress_ifindex, a link's target) in the calling
+/// thread's namespace.
+fn on_interface_in_netns<T: Send>(
+    netns: &NetNs,
+    interface: &str,
+    f: impl FnOnce(u32) -> Result<T, XdpLiveFramesError> + Send,
+) -> Result<T, XdpLiveFramesError> {
+    let no_interface = || XdpLiveFramesError::NoInterface {
+        interface: interface.to_string(),
+        netns: netns.name().to_string(),
+    };
+    let c_name = std::ffi::CString::new(interface).map_err(|_| no_interface())?;
     netns
         .run_in(|| {
             // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it, and resolves
             // it in this thread's (the namespace's) network namespace.
             let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
             if ifindex == 0 {
-                return Err(XdpLiveFramesError::NoInterface {
-                    interface: interface.to_string(),
-                    netns: netns.name().to_string(),
-                });
+                return Err(no_interface());
             }
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                program.transmit(frame, ifindex, FRAMES_PER_CALL, batch)?;
-                sent += u64::from(FRAMES_PER_CALL);
-            }
-            Ok(sent)
+            f(ifindex)
         })
         .map_err(|source| XdpLiveFramesError::Netns {
             netns: netns.name().to_string(),
@@ -276,36 +286,20 @@ impl IngressSink {
     pub fn attach(netns: &NetNs, interface: &str) -> Result<IngressSink, XdpLiveFramesError> {
         let program = load_returning(BPF_PROG_TYPE_SCHED_CLS, TC_ACT_SHOT, "fv_sink")
             .map_err(XdpLiveFramesError::Load)?;
-        let no_interface = || XdpLiveFramesError::NoInterface {
-            interface: interface.to_string(),
-            netns: netns.name().to_string(),
-        };
-        let c_name = std::ffi::CString::new(interface).map_err(|_| no_interface())?;
-        netns
-            .run_in(|| {
-                // SAFETY: a valid NUL-terminated name, only read; resolved in this thread's
-                // (the namespace's) network namespace, as BPF_LINK_CREATE's ifindex is.
-                let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-                if ifindex == 0 {
-                    return Err(no_interface());
-                }
-                let mut attr = LinkCreateAttr {
-                    prog_fd: program.as_raw_fd() as u32,
-                    target_ifindex: ifindex,
-                    attach_type: BPF_TCX_INGRESS,
-                    flags: 0,
-                };
-                let fd = bpf(BPF_LINK_CREATE, &mut attr)
-                    .map_err(|source| XdpLiveFramesError::Attach { ifindex, source })?;
-                // SAFETY: BPF_LINK_CREATE returned a new descriptor that nothing else owns.
-                Ok(IngressSink {
-                    _link: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-                })
+        on_interface_in_netns(netns, interface, |ifindex| {
+            let mut attr = LinkCreateAttr {
+                prog_fd: program.as_raw_fd() as u32,
+                target_ifindex: ifindex,
+                attach_type: BPF_TCX_INGRESS,
+                flags: 0,
+            };
+            let fd = bpf(BPF_LINK_CREATE, &mut attr)
+                .map_err(|source| XdpLiveFramesError::Attach { ifindex, source })?;
+            // SAFETY: BPF_LINK_CREATE returned a new descriptor that nothing else owns.
+            Ok(IngressSink {
+                _link: unsafe { OwnedFd::from_raw_fd(fd as i32) },
             })
-            .map_err(|source| XdpLiveFramesError::Netns {
-                netns: netns.name().to_string(),
-                source,
-            })?
+        })
     }
 }
 
