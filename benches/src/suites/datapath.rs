@@ -213,9 +213,9 @@ fn notes() -> Vec<String> {
              NAPI (measured: 0 of 1000 arrive), so A's host end gets GRO on for this case only \
              (on both sides; off again after: the other cases keep veth's default). B's eth0 gets \
              a TCX ingress program that returns TC_ACT_SHOT for this case: its NAPI poll counts \
-             each frame in rx_packets, then frees it before IP/UDP input (with B's UDP input and \
-             ICMP port-unreachable path in the loop, both sides measured ~230k frames/s, \
-             with the sink ~520-540k: the receiver's stack was most of the cost). On the \
+             each frame in rx_packets, then frees it before IP/UDP input (measured: ~230k frames/s \
+             on both sides with B's UDP input and ICMP port-unreachable path in the loop, \
+             480-620k across runs with the sink: the receiver's stack was most of the cost). On the \
              ferrovirt side the run fails unless the switch's rx counter of B moved by at \
              least 99% of what B counted in the window (the frames really took the eBPF path).",
             xdp_live_frames::FRAMES_PER_CALL
