@@ -20,7 +20,7 @@ set -euo pipefail
 #                    util-linux, always present); the kernel has no device-mapper for dm-delay
 #   clang            ebpf/build.rs compiles the datapath's C programs for the bpf target
 #   libbpf-dev       bpf/bpf_helpers.h and bpf_endian.h for those programs
-#   iperf3           bounded TCP runs through the eBPF datapath in the ebpf namespace tests
+#   iperf3           bounded TCP runs through the eBPF datapath (ebpf namespace tests, datapath bench)
 #   containernetworking-plugins  Debian's reference CNI plugins (host-local IPAM, tuning) in
 #                    /usr/lib/cni, run beside ferrovirt-cni in its chaining and IPAM tests
 # Later suites add theirs here (qemu-utils for blk images).

@@ -696,6 +696,23 @@ impl Member {
         for end in [guard.name(), &peer] {
             ip(&["link", "set", end, "up"]).expect("ip link set up");
         }
+        // Until linkwatch has run (asynchronously, after the carrier came on) the device still
+        // has the noop qdisc, which drops what bpf_clone_redirect hands it; linkwatch sets
+        // operstate in the same step, so "up" means the real qdisc is attached.
+        let operstate = format!("/sys/class/net/{}/operstate", guard.name());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(&operstate)
+            .unwrap_or_default()
+            .trim()
+            != "up"
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never came up",
+                guard.name()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", guard.name()))
             .expect("ifindex")
             .trim()

@@ -19,6 +19,14 @@ pub enum NameError {
     NoIp(#[source] std::io::Error),
     #[error("`ip {args}` failed (are we root, is the tun module loaded?): {stderr}")]
     Ip { args: String, stderr: String },
+    #[error("cannot create {path} on bpffs; are we root?")]
+    BpfFs {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot mount bpffs at {BPF_FS} (`mount -t bpf bpf {BPF_FS}` as root): {0}")]
+    MountBpfFs(String),
 }
 
 /// A name of at most 15 bytes: up to 5 bytes of `prefix`, then a base-36 code of this
@@ -56,7 +64,7 @@ fn base36(mut n: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-type Cleanup = Box<dyn FnOnce(&str) + Send>;
+type Cleanup = Box<dyn FnOnce(&str) + Send + Sync>;
 
 /// A named object and the function that removes it; the function runs once, on `Drop`.
 pub struct CleanupGuard {
@@ -65,7 +73,10 @@ pub struct CleanupGuard {
 }
 
 impl CleanupGuard {
-    pub fn new(name: impl Into<String>, cleanup: impl FnOnce(&str) + Send + 'static) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        cleanup: impl FnOnce(&str) + Send + Sync + 'static,
+    ) -> Self {
         CleanupGuard {
             name: name.into(),
             cleanup: Some(Box::new(cleanup)),
@@ -141,6 +152,114 @@ impl NetNs {
     /// The bind-mounted namespace file, for `setns` or `--netns`-style flags.
     pub fn path(&self) -> std::path::PathBuf {
         std::path::Path::new("/run/netns").join(self.name())
+    }
+
+    /// `program` to be run inside the namespace (`ip netns exec NAME program`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.name(), program]);
+        cmd
+    }
+
+    /// Runs `program args` inside the namespace to completion, stdin from /dev/null.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+
+    /// Runs `f` on a fresh thread that joined this namespace (setns moves only the calling
+    /// thread). Sockets and files opened by `f` stay in the namespace whoever uses them later.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+        run_in_netns(&self.path(), f)
+    }
+}
+
+/// Runs `f` on a fresh thread that joined the network namespace bound at `path`.
+pub fn run_in_netns<T: Send>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send,
+) -> std::io::Result<T> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: setns on a namespace fd we hold open; it moves only this thread,
+                // which ends when `f` returns.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Where bpffs is mounted; pinned maps and programs live below it.
+pub const BPF_FS: &str = "/sys/fs/bpf";
+
+/// A fresh directory on bpffs (`/sys/fs/bpf/<prefix>-<unique>`) for one test's pinned maps
+/// and programs, removed with everything pinned in it on `Drop` (unpinning frees what no
+/// attachment or open fd holds any more). Mounts bpffs first if nothing is mounted there.
+#[derive(Debug)]
+pub struct BpfPinDir {
+    path: std::path::PathBuf,
+}
+
+impl BpfPinDir {
+    pub fn create(prefix: &str) -> Result<BpfPinDir, NameError> {
+        mount_bpffs()?;
+        let path = std::path::Path::new(BPF_FS).join(format!("{prefix}-{}", unique_name("")));
+        std::fs::create_dir(&path).map_err(|source| NameError::BpfFs {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(BpfPinDir { path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for BpfPinDir {
+    fn drop(&mut self) {
+        // bpffs has no rmdir of a non-empty directory: unlink the pins (and any
+        // subdirectories) depth-first, which remove_dir_all does.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Mounts bpffs at [`BPF_FS`] unless it is already there.
+pub fn mount_bpffs() -> Result<(), NameError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    // Two tests mounting at once would stack a second bpffs over the first one's pins.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::ffi::CString::new(BPF_FS).unwrap_or_default();
+    // SAFETY: an all-zero statfs is a valid value of this C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statfs(dir.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPF_FS])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NameError::BpfFs {
+            path: BPF_FS.into(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NameError::MountBpfFs(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -276,6 +395,16 @@ mod tests {
         assert!(Link::bridge(&taken).is_err());
         drop(bridge);
         assert!(!link_exists(&taken));
+    }
+
+    #[test]
+    fn bpf_pin_dir_is_on_bpffs_and_removed_on_drop() {
+        let dir = BpfPinDir::create("ferrovirt-test").unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().to_owned();
+        assert!(path.starts_with(BPF_FS) && path.is_dir(), "{path:?}");
+        std::fs::create_dir(path.join("sub")).unwrap();
+        drop(dir);
+        assert!(!path.exists(), "{path:?} left behind");
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! ```
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+pub use crate::packet_socket::PacketSocket;
 
 use crate::names::{NetNs, ip, unique_name};
 use crate::process::{GuardedProcess, ProcessError, tail};
@@ -204,119 +205,6 @@ fn socket_listening_in(pid: i32, path: &Path) -> bool {
         let fields: Vec<&str> = line.split_whitespace().collect();
         fields.len() >= 8 && fields[3] == "00010000" && fields[7] == path
     })
-}
-
-/// An AF_PACKET socket bound to one interface of a network namespace: every frame the
-/// interface sends or receives can be read, and frames written go out through it.
-#[derive(Debug)]
-pub struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    /// Opens the socket from a thread that joins `netns` (setns only moves the calling
-    /// thread); the socket stays in that namespace after the thread ends.
-    pub fn open(netns: &str, interface: &str) -> io::Result<PacketSocket> {
-        let netns_path = Path::new("/run/netns").join(netns);
-        let interface = std::ffi::CString::new(interface).map_err(io::Error::other)?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| -> io::Result<PacketSocket> {
-                    let ns = std::fs::File::open(&netns_path)?;
-                    // SAFETY: setns on a namespace fd we hold open; it only changes this
-                    // short-lived thread's network namespace.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    let protocol = (libc::ETH_P_ALL as u16).to_be();
-                    // SAFETY: plain socket(2); the result is checked and owned below.
-                    let fd = unsafe {
-                        libc::socket(
-                            libc::AF_PACKET,
-                            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                            i32::from(protocol),
-                        )
-                    };
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                    // SAFETY: a NUL-terminated name; returns 0 when there is no such link.
-                    let index = unsafe { libc::if_nametoindex(interface.as_ptr()) };
-                    if index == 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    // SAFETY: an all-zero sockaddr_ll is a valid value of this C struct.
-                    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                    addr.sll_family = libc::AF_PACKET as u16;
-                    addr.sll_protocol = protocol;
-                    addr.sll_ifindex = index as i32;
-                    // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-                    let r = unsafe {
-                        libc::bind(
-                            fd.as_raw_fd(),
-                            (&addr as *const libc::sockaddr_ll).cast(),
-                            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                        )
-                    };
-                    if r != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(PacketSocket { fd })
-                })
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-
-    /// Sends one whole Ethernet frame out of the interface.
-    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: the buffer is valid for `frame.len()` bytes.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Reads frames until one satisfies `wanted` or `timeout` passes.
-    pub fn receive_matching(
-        &self,
-        timeout: Duration,
-        mut wanted: impl FnMut(&[u8]) -> bool,
-    ) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, count 1.
-            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
-            if ready <= 0 {
-                continue;
-            }
-            // SAFETY: the buffer is valid for its length; MSG_DONTWAIT after poll.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 && wanted(&buf[..n as usize]) {
-                return Some(buf[..n as usize].to_vec());
-            }
-        }
-    }
 }
 
 /// Disables IPv6 in a namespace (for links there now and made later), so the kernel's own

@@ -21,8 +21,6 @@
 //! VMMs from two testpmd instances.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Seek};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferrovirt_tests::names::ip;
+use ferrovirt_tests::netns_topology::ProcNetDev;
 use ferrovirt_tests::testpmd::quiet_netns;
 use ferrovirt_tests::vhost_user_frontend::{
     Buffer, GuestAddress, GuestMemory, SplitQueue, VhostUserConnection,
 };
-use ferrovirt_tests::{GuardedProcess, NetNs, ScratchDir, Testpmd};
+use ferrovirt_tests::{GuardedProcess, NetNs, PacketSocket, ScratchDir, Testpmd};
 
 use super::{RunConfig, Suite};
 use crate::cpu::CpuCgroup;
@@ -500,7 +499,7 @@ impl Setup {
                 (Some(b), tap)
             }
         };
-        let counters = TapCounters::open(&netns, &tap)?;
+        let counters = ProcNetDev::open(Some(&netns), &tap)?;
         let frame = test_frame(case.frame_len);
         let stop = AtomicBool::new(false);
         let delivered = AtomicU64::new(0);
@@ -546,9 +545,9 @@ impl Setup {
                 })
             };
             let injector = (case.direction == Direction::Rx).then(|| {
-                let netns_path = netns.path();
+                let netns = &netns;
                 let tap = tap.clone();
-                scope.spawn(move || inject(&netns_path, &tap, frame, stop))
+                scope.spawn(move || inject(netns, &tap, frame, stop))
             });
             let outcome = (|| -> anyhow::Result<Window> {
                 match ready_rx.recv_timeout(STEP_TIMEOUT) {
@@ -557,9 +556,9 @@ impl Setup {
                     Err(_) => bail!("the driver did not start within {STEP_TIMEOUT:?}"),
                 }
                 std::thread::sleep(WARMUP);
-                let count = |counters: &mut TapCounters| -> anyhow::Result<u64> {
+                let count = |counters: &mut ProcNetDev| -> anyhow::Result<u64> {
                     Ok(match case.direction {
-                        Direction::Tx => counters.rx_packets()?,
+                        Direction::Tx => counters.read()?.rx_packets,
                         Direction::Rx => delivered.load(Ordering::Relaxed),
                     })
                 };
@@ -969,31 +968,10 @@ fn move_through_tap_fd(
     Ok(())
 }
 
-/// Runs `f` on a thread that joined the network namespace at `netns` (setns changes only the
-/// calling thread; sockets and files opened there stay in that namespace).
-fn in_netns<T: Send>(
-    netns: &Path,
-    f: impl FnOnce() -> anyhow::Result<T> + Send,
-) -> anyhow::Result<T> {
-    let ns = File::open(netns).with_context(|| format!("cannot open {}", netns.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                // SAFETY: setns on a namespace fd we hold open; it moves only this thread.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("setns");
-                }
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
 /// Opens the TAP `tap` of `netns` (IFF_TAP | IFF_NO_PI, no virtio-net header), non-blocking.
 fn open_tap_fd(netns: &NetNs, tap: &str) -> anyhow::Result<OwnedFd> {
     let name = tap.as_bytes().to_vec();
-    in_netns(&netns.path(), move || {
+    let opened = netns.run_in(move || -> anyhow::Result<OwnedFd> {
         // SAFETY: open(2) of a NUL-terminated path; the result is checked and owned below.
         let fd = unsafe {
             libc::open(
@@ -1016,151 +994,25 @@ fn open_tap_fd(netns: &NetNs, tap: &str) -> anyhow::Result<OwnedFd> {
             return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
         }
         Ok(fd)
-    })
+    });
+    opened.with_context(|| format!("cannot enter {}", netns.name()))?
 }
 
 /// Sends `frame` into `tap` from its namespace's side (so the TAP's reader receives it) in
 /// `sendmmsg` bursts until `stop`. Frames the TAP's queue has no room for are dropped by the
 /// kernel, as they would be for a slow guest.
-fn inject(netns: &Path, tap: &str, frame: &[u8], stop: &AtomicBool) -> anyhow::Result<()> {
-    let tap = std::ffi::CString::new(tap)?;
-    let fd = in_netns(netns, move || {
-        // SAFETY: socket(2) with constant arguments; protocol 0 receives nothing. The result
-        // is checked and owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
-        }
-        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: a NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(tap.as_ptr()) };
-        if index == 0 {
-            return Err(std::io::Error::last_os_error()).context("if_nametoindex");
-        }
-        // SAFETY: an all-zero sockaddr_ll is a valid value of this C struct.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("bind to the TAP");
-        }
-        Ok(fd)
-    })?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a c_int value of the size passed. Straight to the driver:
-    // the TAP drops what does not fit instead of queueing it in a qdisc.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    let mut iov = libc::iovec {
-        iov_base: frame.as_ptr() as *mut libc::c_void,
-        iov_len: frame.len(),
-    };
-    // SAFETY: an all-zero mmsghdr is a valid value of this C struct.
-    let mut msgs: Vec<libc::mmsghdr> = (0..INJECT_BURST)
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    for m in &mut msgs {
-        m.msg_hdr.msg_iov = &mut iov;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: every message points at `iov`, which points at `frame`; both outlive the
-        // call, and the kernel only reads them.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                INJECT_BURST as u32,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR) => {
-                    std::thread::yield_now();
-                }
-                _ => return Err(e).context("sendmmsg into the TAP"),
-            }
-        }
-    }
+fn inject(netns: &NetNs, tap: &str, frame: &[u8], stop: &AtomicBool) -> anyhow::Result<()> {
+    let socket = PacketSocket::open_sender(netns.name(), tap)
+        .with_context(|| format!("AF_PACKET socket on {tap}"))?;
+    socket
+        .send_bursts_until(frame, INJECT_BURST, stop)
+        .context("sendmmsg into the TAP")?;
     Ok(())
-}
-
-/// The counters of one interface from its namespace's `/proc/net/dev`, opened once from inside
-/// the namespace (`/proc/thread-self/net` is the opening thread's namespace) and re-read.
-struct TapCounters {
-    file: File,
-    tap: String,
-}
-
-impl TapCounters {
-    fn open(netns: &NetNs, tap: &str) -> anyhow::Result<TapCounters> {
-        let file = in_netns(&netns.path(), || {
-            File::open("/proc/thread-self/net/dev").context("open /proc/thread-self/net/dev")
-        })?;
-        let mut counters = TapCounters {
-            file,
-            tap: tap.to_string(),
-        };
-        counters
-            .rx_packets()
-            .with_context(|| format!("{tap} is not in the namespace's /proc/net/dev"))?;
-        Ok(counters)
-    }
-
-    /// Frames the kernel received on the TAP (written into it by its user).
-    fn rx_packets(&mut self) -> anyhow::Result<u64> {
-        self.file.rewind()?;
-        let mut text = String::new();
-        self.file.read_to_string(&mut text)?;
-        rx_packets_of(&text, &self.tap)
-            .with_context(|| format!("no line for {} in {text}", self.tap))
-    }
-}
-
-/// The receive-packets column of `interface` in /proc/net/dev's format
-/// (`name: rx_bytes rx_packets ...`).
-fn rx_packets_of(proc_net_dev: &str, interface: &str) -> Option<u64> {
-    proc_net_dev.lines().find_map(|line| {
-        let (name, rest) = line.split_once(':')?;
-        if name.trim() != interface {
-            return None;
-        }
-        rest.split_whitespace().nth(1)?.parse().ok()
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rx_packets_come_from_the_named_interface_line() {
-        let text = "Inter-|   Receive                            |  Transmit\n \
-            face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets\n    \
-            lo:       0       0    0    0    0     0          0         0        0       0\n \
-            btap1: 6400000  100000    0    0    0     0          0         0      123       2\n";
-        assert_eq!(rx_packets_of(text, "btap1"), Some(100_000));
-        assert_eq!(rx_packets_of(text, "lo"), Some(0));
-        assert_eq!(rx_packets_of(text, "btap"), None);
-    }
 
     #[test]
     fn guest_report_fields_are_read_from_their_line() {
@@ -1206,8 +1058,8 @@ mod tests {
         ])
         .unwrap();
         ip(&["-n", netns.name(), "link", "set", "dev", &tap, "up"]).unwrap();
-        let mut counters = TapCounters::open(&netns, &tap).unwrap();
-        let before = counters.rx_packets().unwrap();
+        let mut counters = ProcNetDev::open(Some(&netns), &tap).unwrap();
+        let before = counters.read().unwrap().rx_packets;
         let fd = open_tap_fd(&netns, &tap).unwrap();
         let frame = test_frame(64);
         for _ in 0..5 {
@@ -1215,9 +1067,9 @@ mod tests {
             let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
             assert_eq!(n, 64, "{}", std::io::Error::last_os_error());
         }
-        assert_eq!(counters.rx_packets().unwrap() - before, 5);
+        assert_eq!(counters.read().unwrap().rx_packets - before, 5);
         assert!(
-            rx_packets_of(&std::fs::read_to_string("/proc/net/dev").unwrap(), &tap).is_none(),
+            ProcNetDev::open(None, &tap).unwrap().read().is_err(),
             "the TAP lives in the bench namespace only"
         );
     }
