@@ -21,8 +21,10 @@ set -euo pipefail
 #   clang            ebpf/build.rs compiles the datapath's C programs for the bpf target
 #   libbpf-dev       bpf/bpf_helpers.h and bpf_endian.h for those programs
 #   iperf3           bounded TCP runs through the eBPF datapath (ebpf namespace tests, datapath bench)
+#   containernetworking-plugins  Debian's reference CNI plugins (host-local IPAM, tuning) in
+#                    /usr/lib/cni, run beside ferrovirt-cni in its chaining and IPAM tests
 # Later suites add theirs here (qemu-utils for blk images).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3 containernetworking-plugins)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -197,6 +197,14 @@ impl Goal {
         }
     }
 
+    /// ferrovirt must stay at or below `limit` times the peer's median.
+    pub fn ratio_at_most(metric: &str, limit: f64, text: &str) -> Goal {
+        Goal {
+            on_ratio: true,
+            ..Goal::at_most(metric, limit, text)
+        }
+    }
+
     /// `Some(met)` with ferrovirt's median, or `None` when the metric is not in `rows`.
     pub fn check(&self, rows: &[Summary]) -> Option<(bool, f64)> {
         let row = rows.iter().find(|s| s.row.name == self.metric)?;

@@ -15,6 +15,8 @@ pub const VMM_ENV: &str = "FERROVIRT_VMM";
 pub const VHOST_BLK_ENV: &str = "FERROVIRT_VHOST_BLK";
 /// Overrides the vhost-user-net backend binary.
 pub const VHOST_NET_ENV: &str = "FERROVIRT_VHOST_NET";
+/// Overrides the CNI plugin binary.
+pub const CNI_ENV: &str = "FERROVIRT_CNI";
 /// The environment variable that names a prebuilt test guest ELF and skips building it.
 pub const TESTGUEST_ENV: &str = "FERROVIRT_TESTGUEST";
 
@@ -105,6 +107,16 @@ pub fn try_vhost_net_binary() -> Result<PathBuf, ArtifactError> {
 /// Like [`try_vhost_net_binary`]; panics with the reason.
 pub fn vhost_net_binary() -> PathBuf {
     try_vhost_net_binary().unwrap_or_else(|e| panic!("ferrovirt-vhost-net unavailable: {e}"))
+}
+
+/// Returns the CNI plugin: `$FERROVIRT_CNI` if set, else a release build made once per
+/// process.
+pub fn try_cni_binary() -> Result<PathBuf, ArtifactError> {
+    static CNI: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    CNI.get_or_init(|| {
+        build_release_binary(CNI_ENV, "ferrovirt-cni-plugin", "ferrovirt-cni", "cni")
+    })
+    .clone()
 }
 
 fn build_testguest() -> Result<PathBuf, ArtifactError> {

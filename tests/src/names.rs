@@ -290,6 +290,48 @@ impl Tap {
     }
 }
 
+/// A link in the current network namespace made with `ip link add`, deleted on `Drop` (a veth
+/// takes its peer with it; a link moved to another namespace is left to that namespace).
+#[derive(Debug)]
+pub struct Link {
+    guard: CleanupGuard,
+}
+
+impl Link {
+    /// A bridge called exactly `name`, for tests that need a name to be taken (bridges are
+    /// built into every kernel we run on; `dummy` is not).
+    pub fn bridge(name: &str) -> Result<Link, NameError> {
+        ip(&["link", "add", name, "type", "bridge"])?;
+        Ok(Link::guard(name))
+    }
+
+    /// A veth pair with unique names; the guard holds the first end, the peer's name is
+    /// returned beside it.
+    pub fn veth(prefix: &str) -> Result<(Link, String), NameError> {
+        let name = unique_name(prefix);
+        let peer = unique_name(prefix);
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer])?;
+        Ok((Link::guard(&name), peer))
+    }
+
+    fn guard(name: &str) -> Link {
+        Link {
+            guard: CleanupGuard::new(name, |name| {
+                let _ = ip(&["link", "del", name]);
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.guard.name()
+    }
+}
+
+/// Whether a link called `name` exists in the current network namespace.
+pub fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +388,23 @@ mod tests {
         std::fs::create_dir(path.join("sub")).unwrap();
         drop(dir);
         assert!(!path.exists(), "{path:?} left behind");
+    }
+
+    #[test]
+    fn veth_and_bridge_exist_while_their_guards_live() {
+        let (veth, peer) = Link::veth("ve").unwrap_or_else(|e| panic!("{e}"));
+        assert!(link_exists(veth.name()) && link_exists(&peer));
+        let name = veth.name().to_owned();
+        drop(veth);
+        assert!(
+            !link_exists(&name) && !link_exists(&peer),
+            "{name} left behind"
+        );
+        let taken = unique_name("dm");
+        let bridge = Link::bridge(&taken).unwrap_or_else(|e| panic!("{e}"));
+        assert!(Link::bridge(&taken).is_err());
+        drop(bridge);
+        assert!(!link_exists(&taken));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! report; adding one (`blk`, `net`, `datapath`) is a module here and one line in [`SUITES`].
 
 pub mod blk;
+pub mod cni;
 pub mod datapath;
 pub mod net;
 pub mod vmm_startup;
@@ -24,7 +25,13 @@ pub struct Suite {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const SUITES: &[Suite] = &[vmm_startup::SUITE, blk::SUITE, net::SUITE, datapath::SUITE];
+pub const SUITES: &[Suite] = &[
+    vmm_startup::SUITE,
+    blk::SUITE,
+    net::SUITE,
+    datapath::SUITE,
+    cni::SUITE,
+];
 
 /// The suite called `name`.
 pub fn find(name: &str) -> Option<&'static Suite> {
