@@ -381,6 +381,16 @@ mod tests {
     }
 
     #[test]
+    fn bpf_pin_dir_is_on_bpffs_and_removed_on_drop() {
+        let dir = BpfPinDir::create("ferrovirt-test").unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().to_owned();
+        assert!(path.starts_with(BPF_FS) && path.is_dir(), "{path:?}");
+        std::fs::create_dir(path.join("sub")).unwrap();
+        drop(dir);
+        assert!(!path.exists(), "{path:?} left behind");
+    }
+
+    #[test]
     fn veth_and_bridge_exist_while_their_guards_live() {
         let (veth, peer) = Link::veth("ve").unwrap_or_else(|e| panic!("{e}"));
         assert!(link_exists(veth.name()) && link_exists(&peer));
@@ -395,16 +405,6 @@ mod tests {
         assert!(Link::bridge(&taken).is_err());
         drop(bridge);
         assert!(!link_exists(&taken));
-    }
-
-    #[test]
-    fn bpf_pin_dir_is_on_bpffs_and_removed_on_drop() {
-        let dir = BpfPinDir::create("ferrovirt-test").unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().to_owned();
-        assert!(path.starts_with(BPF_FS) && path.is_dir(), "{path:?}");
-        std::fs::create_dir(path.join("sub")).unwrap();
-        drop(dir);
-        assert!(!path.exists(), "{path:?} left behind");
     }
 
     #[test]
