@@ -10,11 +10,11 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::TestDatapath;
-use common::frames::*;
 use ferrovirt_ebpf::{
     Counters, EndpointConfig, NetworkConfig, NetworkId, PolicyRule, Program, Protocol,
     TestRunInput, TestRunOutput,
 };
+use ferrovirt_tests::frames::*;
 use ferrovirt_tests::names::{CleanupGuard, ip, unique_name};
 
 const TC_ACT_OK: u32 = 0;
@@ -112,7 +112,12 @@ fn ipv4_frame(
     dst: Ipv4Addr,
     l4: (u8, Vec<u8>),
 ) -> Vec<u8> {
-    ethernet(dst_mac, src_mac, ETH_P_IP, &ipv4(src, dst, l4.0, &l4.1))
+    ethernet(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV4,
+        &ipv4(src, dst, l4.0, &l4.1),
+    )
 }
 
 fn ipv6_frame(
@@ -122,11 +127,16 @@ fn ipv6_frame(
     dst: Ipv6Addr,
     l4: (u8, Vec<u8>),
 ) -> Vec<u8> {
-    ethernet(dst_mac, src_mac, ETH_P_IPV6, &ipv6(src, dst, l4.0, &l4.1))
+    ethernet(
+        dst_mac,
+        src_mac,
+        ETHERTYPE_IPV6,
+        &ipv6(src, dst, l4.0, &l4.1),
+    )
 }
 
 fn tcp_to(port: u16) -> (u8, Vec<u8>) {
-    (IPPROTO_TCP, tcp(40000, port))
+    (IPPROTO_TCP, tcp_syn(40000, port))
 }
 
 fn udp_to(port: u16) -> (u8, Vec<u8>) {
@@ -195,7 +205,7 @@ fn arp_request_for_own_address_is_flooded_and_sent_to_the_uplink() {
     let frame = ethernet(
         BROADCAST,
         MAC_A,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(1, MAC_A, IP_A, [0; 6], IP_PEER),
     );
     assert_sends_to_uplink(&dp, EP_A, &frame);
@@ -286,7 +296,7 @@ fn arp_claiming_another_ip_is_dropped() {
     let frame = ethernet(
         BROADCAST,
         MAC_A,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(2, MAC_A, IP_B, [0; 6], IP_PEER),
     );
     assert_drops(&dp, EP_A, &frame, |c| c.drop_spoof_arp);
@@ -298,7 +308,7 @@ fn arp_with_another_sender_mac_is_dropped() {
     let frame = ethernet(
         BROADCAST,
         MAC_A,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(1, MAC_B, IP_A, [0; 6], IP_PEER),
     );
     assert_drops(&dp, EP_A, &frame, |c| c.drop_spoof_arp);
@@ -345,7 +355,7 @@ fn router_advertisement_from_a_vm_is_dropped() {
 #[test]
 fn vlan_tagged_frame_from_a_vm_is_dropped() {
     let dp = switch();
-    let frame = vlan_tagged(&a_tcp_to(IP_PEER, 80), VLAN);
+    let frame = with_vlan(&a_tcp_to(IP_PEER, 80), VLAN);
     assert_drops(&dp, EP_A, &frame, |c| c.drop_policy);
 }
 
@@ -486,7 +496,7 @@ fn an_empty_policy_denies_all_ip_but_not_arp_or_neighbor_discovery() {
     let arp_request = ethernet(
         BROADCAST,
         MAC_A,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(1, MAC_A, IP_A, [0; 6], IP_PEER),
     );
     assert_eq!(
@@ -576,7 +586,7 @@ fn from_uplink(dp: &TestDatapath, frame: &[u8]) -> TestRunOutput {
 fn uplink_frame_tagged_for_a_network_is_untagged_and_redirected_to_its_endpoint() {
     let dp = switch();
     let untagged = ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80));
-    let out = from_uplink(&dp, &vlan_tagged(&untagged, VLAN));
+    let out = from_uplink(&dp, &with_vlan(&untagged, VLAN));
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_eq!(out.frame, untagged, "the tag is popped");
     let v = counters(&dp, EP_V);
@@ -597,7 +607,7 @@ fn untagged_uplink_frame_is_redirected_to_the_untagged_networks_endpoint() {
 #[test]
 fn uplink_frame_tagged_for_another_vlan_passes_to_the_host_untouched() {
     let dp = switch();
-    let frame = vlan_tagged(&ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80)), 200);
+    let frame = with_vlan(&ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80)), 200);
     let out = from_uplink(&dp, &frame);
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.frame, frame);
@@ -608,7 +618,7 @@ fn uplink_frame_tagged_for_another_vlan_passes_to_the_host_untouched() {
 fn uplink_frame_tagged_for_a_network_but_to_another_networks_mac_passes_to_the_host() {
     let dp = switch();
     // MAC_A is on the untagged network, not VLAN 100's: no leaking across networks.
-    let frame = vlan_tagged(
+    let frame = with_vlan(
         &ipv4_frame(MAC_PEER, MAC_A, IP_PEER, IP_A, tcp_to(80)),
         VLAN,
     );
@@ -635,7 +645,7 @@ fn switch_with_lo_uplink() -> TestDatapath {
 fn xdp_pops_the_networks_tag_and_redirects_to_the_endpoint() {
     let dp = switch_with_lo_uplink();
     let untagged = ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80));
-    let out = from_uplink_xdp(&dp, &vlan_tagged(&untagged, VLAN));
+    let out = from_uplink_xdp(&dp, &with_vlan(&untagged, VLAN));
     assert_eq!(out.verdict, XDP_REDIRECT);
     assert_eq!(out.frame, untagged, "the tag is popped");
     assert_eq!(counters(&dp, EP_V).rx_bytes, untagged.len() as u64);
@@ -645,11 +655,11 @@ fn xdp_pops_the_networks_tag_and_redirects_to_the_endpoint() {
 #[test]
 fn xdp_passes_broadcast_to_the_tc_program() {
     let dp = switch_with_lo_uplink();
-    let frame = vlan_tagged(
+    let frame = with_vlan(
         &ethernet(
             BROADCAST,
             MAC_PEER,
-            ETH_P_ARP,
+            ETHERTYPE_ARP,
             &arp(1, MAC_PEER, IP_PEER, [0; 6], IP_A),
         ),
         VLAN,
@@ -662,11 +672,11 @@ fn xdp_passes_broadcast_to_the_tc_program() {
 #[test]
 fn xdp_passes_unknown_unicast_and_other_vlans() {
     let dp = switch_with_lo_uplink();
-    let to_host = vlan_tagged(
+    let to_host = with_vlan(
         &ipv4_frame(MAC_PEER, MAC_PEER, IP_PEER, IP_A, tcp_to(80)),
         VLAN,
     );
-    let other_vlan = vlan_tagged(&ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80)), 200);
+    let other_vlan = with_vlan(&ipv4_frame(MAC_PEER, MAC_V, IP_PEER, IP_A, tcp_to(80)), 200);
     for frame in [to_host, other_vlan] {
         let out = from_uplink_xdp(&dp, &frame);
         assert_eq!(out.verdict, XDP_PASS);
@@ -740,7 +750,7 @@ fn broadcast_from_an_endpoint_is_cloned_to_every_member_and_sent_to_the_uplink()
     let frame = ethernet(
         BROADCAST,
         MAC_A,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(1, MAC_A, IP_A, [0; 6], IP_PEER),
     );
     let out = from_endpoint(&dp, EP_A, &frame);
@@ -776,7 +786,7 @@ fn broadcast_from_the_uplink_is_cloned_to_every_member_and_passed_to_the_host() 
     let frame = ethernet(
         BROADCAST,
         MAC_PEER,
-        ETH_P_ARP,
+        ETHERTYPE_ARP,
         &arp(1, MAC_PEER, IP_PEER, [0; 6], IP_A),
     );
     let out = from_uplink(&dp, &frame);

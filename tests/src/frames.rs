@@ -1,18 +1,28 @@
 //! Ethernet frames built and read by hand, for tests and benchmarks that speak to a datapath
-//! through packet sockets or BPF_PROG_TEST_RUN: ARP, IPv4 with UDP/TCP/ICMP, 802.1Q tags.
+//! through packet sockets or BPF_PROG_TEST_RUN: ARP, IPv4 and IPv6 with UDP/TCP/ICMP, 802.1Q
+//! tags, and the ICMPv6 messages of neighbour discovery.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub type Mac = [u8; 6];
 
 pub const ETH_HLEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const BROADCAST: [u8; 6] = [0xff; 6];
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
+const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
+const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
+const ICMPV6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+const NDP_OPTION_SOURCE_LL: u8 = 1;
+const NDP_OPTION_TARGET_LL: u8 = 2;
 
 /// An Ethernet header followed by `payload`.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -58,7 +68,8 @@ pub fn destination_mac(frame: &[u8]) -> Option<[u8; 6]> {
     frame.get(..6)?.try_into().ok()
 }
 
-fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+/// An Ethernet/IPv4 ARP message (no Ethernet header); `op` 1 is a request, 2 a reply.
+pub fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
     let mut p = Vec::with_capacity(28);
     p.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
     p.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
@@ -137,6 +148,18 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
     h
 }
 
+/// An IPv6 packet (no extension headers) around `payload`.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, payload: &[u8]) -> Vec<u8> {
+    let payload_len = u16::try_from(payload.len()).expect("small test packet");
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&payload_len.to_be_bytes());
+    packet.extend_from_slice(&[next_header, 64]);
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&dst.octets());
+    packet.extend_from_slice(payload);
+    packet
+}
+
 /// A UDP datagram (checksum 0: none, as IPv4 allows) from `sport` to `dport`.
 pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut d = Vec::with_capacity(8 + payload.len());
@@ -180,6 +203,50 @@ pub fn mac_to_string(mac: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// An ICMPv6 neighbour discovery message: type, code 0, checksum, 4 bytes of flags, the
+/// target, and a link-layer address option if given.
+fn neighbor_message(kind: u8, target: Ipv6Addr, option: Option<(u8, Mac)>) -> Vec<u8> {
+    let mut message = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+    message.extend_from_slice(&target.octets());
+    if let Some((option_type, mac)) = option {
+        message.extend_from_slice(&[option_type, 1]);
+        message.extend_from_slice(&mac);
+    }
+    message
+}
+
+pub fn neighbor_solicitation(target: Ipv6Addr, source_ll: Option<Mac>) -> Vec<u8> {
+    let option = source_ll.map(|mac| (NDP_OPTION_SOURCE_LL, mac));
+    neighbor_message(ICMPV6_NEIGHBOR_SOLICITATION, target, option)
+}
+
+pub fn neighbor_advertisement(target: Ipv6Addr, target_ll: Option<Mac>) -> Vec<u8> {
+    let option = target_ll.map(|mac| (NDP_OPTION_TARGET_LL, mac));
+    neighbor_message(ICMPV6_NEIGHBOR_ADVERTISEMENT, target, option)
+}
+
+/// A router advertisement: hop limit, flags, lifetime, reachable and retransmit timers.
+pub fn router_advertisement() -> Vec<u8> {
+    let mut message = vec![ICMPV6_ROUTER_ADVERTISEMENT, 0, 0, 0, 64, 0, 0x07, 0x08];
+    message.extend_from_slice(&[0; 8]);
+    message
+}
+
+/// The solicited-node multicast MAC of `addr` (RFC 2464 §7: 33:33 + last 4 bytes of the
+/// multicast group ff02::1:ffXX:XXXX).
+pub fn solicited_node_mac(addr: Ipv6Addr) -> Mac {
+    let o = addr.octets();
+    [0x33, 0x33, 0xff, o[13], o[14], o[15]]
+}
+
+/// ff02::1:ffXX:XXXX for `addr`.
+pub fn solicited_node_addr(addr: Ipv6Addr) -> Ipv6Addr {
+    let o = addr.octets();
+    Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+    ])
 }
 
 #[cfg(test)]

@@ -2,8 +2,6 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-pub mod frames;
-
 use std::ops::Deref;
 use std::path::PathBuf;
 
