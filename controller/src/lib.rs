@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod controllers;
 pub mod crd;
+pub mod fvctl;
 pub mod launcher;
 pub mod leader;
 pub mod metrics;

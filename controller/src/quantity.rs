@@ -68,7 +68,7 @@ pub fn to_bytes(q: &str) -> Result<u64, Error> {
 
 /// `bytes` as a quantity string, in Mi when it is a whole number of MiB.
 pub fn from_bytes(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{}Mi", bytes >> 20)
     } else {
         bytes.to_string()

@@ -171,26 +171,24 @@ async fn reconcile_inner(
             v.status.as_ref().and_then(|s| s.node_name.as_deref()),
         )
     });
-    if current == MigrationPhase::Pending && target.is_none() {
-        if let (Some(v), Some((VmiPhase::Running, node)), None) =
+    if current == MigrationPhase::Pending
+        && target.is_none()
+        && let (Some(v), Some((VmiPhase::Running, node)), None) =
             (vmi.as_ref(), vmi_view, other_active.as_ref())
-        {
-            let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher)?;
-            if let Some(spec) = pod.spec.as_mut() {
-                if let Some(node) = node {
-                    spec.affinity = Some(avoid_node(node));
-                }
-            }
-            pod.metadata.owner_references = vmim.controller_owner_ref(&()).map(|r| vec![r]);
-            let params = PostParams {
-                field_manager: Some(MANAGER.into()),
-                ..Default::default()
-            };
-            match pods.create(&params, &pod).await {
-                Ok(p) => target = Some(p),
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+    {
+        let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher)?;
+        if let (Some(spec), Some(node)) = (pod.spec.as_mut(), node) {
+            spec.affinity = Some(avoid_node(node));
+        }
+        pod.metadata.owner_references = vmim.controller_owner_ref(&()).map(|r| vec![r]);
+        let params = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        match pods.create(&params, &pod).await {
+            Ok(p) => target = Some(p),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
         }
     }
     let waited = vmim

@@ -292,12 +292,12 @@ async fn reconcile_inner(vm: &VirtualMachine, ctx: &Context) -> Result<Action, E
         }
         Step::Wait => {}
     }
-    if let Some(r) = request {
-        if request_done(r, state) {
-            let patch = json!({"metadata": {"annotations": {STATE_CHANGE: null}}});
-            vms.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-        }
+    if let Some(r) = request
+        && request_done(r, state)
+    {
+        let patch = json!({"metadata": {"annotations": {STATE_CHANGE: null}}});
+        vms.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
     }
     let new_status = status(vm, strategy, vmi, step);
     if vm.status.as_ref().map(|s| strip_times(s.clone())) != Some(strip_times(new_status.clone())) {

@@ -1,6 +1,9 @@
 //! ferrovirt's custom resources, group `ferrovirt.io`, version `v1alpha1`: field names and
 //! structure of kubevirt.io/v1 for the features ferrovirt supports.
 
+// The derive's repeated `printcolumn(type_ = ...)` keys look like duplicated attributes to clippy.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod migration;
 pub mod preset;
 pub mod spec;
