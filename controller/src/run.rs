@@ -70,6 +70,9 @@ pub struct Settings {
     /// RuntimeClass of launcher pods, whose containerd handler attaches the VM networks.
     #[arg(long)]
     pub vm_runtime_class: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
     /// Extended resource that grants /dev/kvm (the node agent's device plugin); "" for none.
     #[arg(long, default_value = "devices.ferrovirt.io/kvm")]
     pub kvm_resource: String,
@@ -169,7 +172,7 @@ async fn run(settings: Settings) -> Result<(), Error> {
             kvm_resource: settings.kvm_resource.clone(),
         },
     });
-    let controllers = run_controllers(ctx, stop_rx.clone());
+    let controllers = run_controllers(ctx, settings.watch_namespace.as_deref(), stop_rx.clone());
     let result = match leadership {
         Some(mut leadership) => {
             let outcome = tokio::select! {
@@ -204,12 +207,17 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 /// Runs the VM, VMI and migration controllers until `stop`.
-async fn run_controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let vms = Api::<VirtualMachine>::all(client.clone());
-    let vmis = Api::<VirtualMachineInstance>::all(client.clone());
-    let vmims = Api::<VirtualMachineInstanceMigration>::all(client.clone());
-    let pods = Api::<Pod>::all(client.clone());
+    let (vms, vmis, vmims, pods) = match namespace {
+        Some(ns) => (
+            Api::<VirtualMachine>::namespaced(client.clone(), ns),
+            Api::<VirtualMachineInstance>::namespaced(client.clone(), ns),
+            Api::<VirtualMachineInstanceMigration>::namespaced(client.clone(), ns),
+            Api::<Pod>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
     let launchers = watcher::Config::default().labels(launcher::LABEL_VMI_UID);
     let vm = Controller::new(vms, watcher::Config::default())
         .owns(vmis.clone(), watcher::Config::default())
