@@ -552,10 +552,15 @@ remove_pods() {
 }
 
 kill_leftover_processes() {
-    local pid pids
-    pids="$(pids_in_cgroups) $(shim_pids)"
-    for pid in $pids; do
-        kill -KILL "$pid" 2>/dev/null && log "killed leftover pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80))"
+    local pid cmdline i
+    # Shims exit by themselves shortly after their last container is removed.
+    for i in $(seq 30); do
+        [ -z "$(pids_in_cgroups)$(shim_pids)" ] && return 0
+        sleep 0.1
+    done
+    for pid in $(pids_in_cgroups) $(shim_pids); do
+        cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100)
+        kill -KILL "$pid" 2>/dev/null && log "killed leftover pid $pid ($cmdline)"
     done
     for pid in $(seq 50); do
         [ -z "$(pids_in_cgroups)$(shim_pids)" ] && break
