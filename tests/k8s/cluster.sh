@@ -69,6 +69,20 @@ check_prerequisites() {
 
 port_taken() { [ -n "$(ss -Hltn "sport = :$1")" ]; }
 
+# claimed KEY VALUE: whether another run's state dir has claimed KEY=VALUE (its ports may not
+# be bound yet while it starts).
+claimed() { cat "$STATE_ROOT"/*/run 2>/dev/null | grep -qx "$1=$2"; }
+
+# block_free BASE: none of BASE..BASE+6 is bound, and no other run claimed BASE.
+block_free() {
+    local p
+    claimed PORT_BASE "$1" && return 1
+    for p in $(seq "$1" $(($1 + 6))); do
+        port_taken "$p" && return 1
+    done
+    return 0
+}
+
 choose_ports() {
     local base p free
     if [ -n "${FERROVIRT_K8S_PORT_BASE:-}" ]; then
@@ -76,17 +90,15 @@ choose_ports() {
         for p in $(seq "$base" $((base + 6))); do
             port_taken "$p" && die "port $p (FERROVIRT_K8S_PORT_BASE=$base..$((base + 6))) is taken: $(ss -Hltnp "sport = :$p" | head -n1); stop that process or choose another FERROVIRT_K8S_PORT_BASE"
         done
+        claimed PORT_BASE "$base" && die "ports $base..$((base + 6)) are claimed by the cluster in $(grep -lx "PORT_BASE=$base" "$STATE_ROOT"/*/run | xargs dirname); stop it or choose another FERROVIRT_K8S_PORT_BASE"
     else
+        free=0
         for base in $(seq 16400 10 16990); do
-            free=1
-            for p in $(seq "$base" $((base + 6))); do
-                port_taken "$p" && { free=0; break; }
-            done
-            [ $free -eq 1 ] && break
+            block_free "$base" && { free=1; break; }
         done
         [ $free -eq 1 ] || die "no free block of 7 ports between 16400 and 16996: stop old clusters (tests/k8s/cluster.sh down STATE) or set FERROVIRT_K8S_PORT_BASE"
     fi
-    ETCD_PORT=$base ETCD_PEER_PORT=$((base + 1)) APISERVER_PORT=$((base + 2))
+    PORT_BASE=$base ETCD_PORT=$base ETCD_PEER_PORT=$((base + 1)) APISERVER_PORT=$((base + 2))
     KCM_PORT=$((base + 3)) SCHEDULER_PORT=$((base + 4)) KUBELET_PORT=$((base + 5)) KUBELET_HEALTHZ_PORT=$((base + 6))
 }
 
@@ -96,7 +108,7 @@ choose_pod_subnet() {
     start=$((16#${RUN_ID:0:2} % 200))
     for i in $(seq 0 199); do
         n=$(((start + i) % 200 + 40))
-        if ! ip -4 -o addr show | grep -q " 10\.244\.$n\."; then
+        if ! claimed POD_SUBNET "10.244.$n.0/24" && ! ip -4 -o addr show | grep -q " 10\.244\.$n\."; then
             POD_SUBNET=10.244.$n.0/24
             return
         fi
@@ -358,7 +370,7 @@ start_kubelet() {
     local kl=$STATE/kubelet
     mkdir -p "$kl/root" "$kl/pki" "$kl/volume-plugins" "$STATE/pod-logs"
     # kubelet keeps container log links in /var/log/containers whatever its config says.
-    [ -d /var/log/containers ] || { mkdir -p /var/log/containers && echo /var/log/containers >>"$STATE/created-dirs"; }
+    [ -d /var/log/containers ] || { mkdir -p /var/log/containers && echo /var/log/containers >>"$STATE_ROOT/created-dirs"; }
     make_cgroup_root
     share_kubelet_dir
     write_kubeconfig "$kl/kubeconfig" kubelet-client
@@ -423,7 +435,7 @@ share_kubelet_dir() {
     mount --make-shared "$STATE/kubelet"
     local dir
     for dir in /var/lib/kubelet /var/lib/kubelet/device-plugins; do
-        [ -d "$dir" ] || { mkdir "$dir" && echo "$dir" >>"$STATE/created-dirs"; }
+        [ -d "$dir" ] || { mkdir "$dir" && echo "$dir" >>"$STATE_ROOT/created-dirs"; }
     done
 }
 
@@ -461,14 +473,21 @@ cluster_up() {
     STATE_ROOT=${FERROVIRT_K8S_STATE_ROOT:-/tmp/ferrovirt-k8s}
     STATE=$STATE_ROOT/$RUN_ID
     name_run
+    mkdir -p "$STATE_ROOT"
+    # Runs starting at once claim their ports and subnet one after the other: a claim is the
+    # run file written under this lock, and counts before the ports are bound.
+    exec 8>"$STATE_ROOT/.claims.lock"
+    flock -w 60 8 || die "another cluster.sh holds $STATE_ROOT/.claims.lock for over 60 s"
     choose_ports
     choose_pod_subnet
     mkdir -p "$STATE/logs" "$STATE/pids"
     cat >"$STATE/run" <<EOF
 RUN_ID=$RUN_ID
 BIN=$BIN
+PORT_BASE=$PORT_BASE
 POD_SUBNET=$POD_SUBNET
 EOF
+    exec 8>&-
     log "state $STATE, ports $ETCD_PORT-$KUBELET_HEALTHZ_PORT, pod subnet $POD_SUBNET"
     make_pki
     write_kubeconfig "$STATE/admin.kubeconfig" admin
@@ -538,7 +557,7 @@ pids_in_cgroups() {
 shim_pids() {
     local proc
     for proc in /proc/[0-9]*; do
-        tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK " && echo "${proc#/proc/}"
+        { tr '\0' ' ' <"$proc/cmdline"; } 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK " && echo "${proc#/proc/}"
     done
     return 0
 }
@@ -559,7 +578,7 @@ kill_leftover_processes() {
         sleep 0.1
     done
     for pid in $(pids_in_cgroups) $(shim_pids); do
-        cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100)
+        cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | cut -c1-100)
         kill -KILL "$pid" 2>/dev/null && log "killed leftover pid $pid ($cmdline)"
     done
     for pid in $(seq 50); do
@@ -604,8 +623,9 @@ remove_host_files() {
         [ -L "$link" ] && case "$(readlink "$link")" in "$STATE"/*) rm -f "$link" ;; esac
     done
     # Directories another cluster may still use stay until the last cluster goes.
-    if [ -f "$STATE/created-dirs" ] && [ "$(find "$(dirname "$STATE")" -mindepth 1 -maxdepth 1 -type d | wc -l)" -le 1 ]; then
-        for dir in $(sort -r "$STATE/created-dirs"); do rmdir "$dir" 2>/dev/null || true; done
+    if [ -f "$STATE_ROOT/created-dirs" ] && [ "$(find "$STATE_ROOT" -mindepth 1 -maxdepth 1 -type d | wc -l)" -le 1 ]; then
+        for dir in $(sort -ru "$STATE_ROOT/created-dirs"); do rmdir "$dir" 2>/dev/null || true; done
+        rm -f "$STATE_ROOT/created-dirs"
     fi
     # containerd's shims keep sockets in /run/containerd/s whatever its state dir is.
     rmdir /run/containerd/s /run/containerd 2>/dev/null || true
@@ -633,6 +653,7 @@ cluster_down() {
     STATE=${1:-${FERROVIRT_K8S_STATE:-}}
     [ -n "$STATE" ] || die "down: give the state directory (cluster.sh down STATE) or set FERROVIRT_K8S_STATE"
     [ -f "$STATE/run" ] || die "down: $STATE is not a cluster state directory (no $STATE/run)"
+    STATE_ROOT=$(dirname "$STATE")
     # shellcheck source=/dev/null
     . "$STATE/run"
     name_run
@@ -653,7 +674,11 @@ cluster_down() {
     remove_cgroups
     remove_host_files
     rm -rf "$STATE"
-    rmdir "$(dirname "$STATE")" 2>/dev/null
+    # The last cluster takes the shared root (and its lock file) with it.
+    if [ -z "$(find "$STATE_ROOT" -mindepth 1 -maxdepth 1 -type d)" ]; then
+        rm -f "$STATE_ROOT/.claims.lock"
+        rmdir "$STATE_ROOT" 2>/dev/null
+    fi
     set -e
     report_leftovers || return 1
     log "down in $(since "$t0") s; nothing left behind"
