@@ -39,7 +39,7 @@ TIMEOUT=${FERROVIRT_K8S_TIMEOUT:-180}
 PAUSE_IMAGE=ferrovirt.io/pause:1
 CNI_BIN_DIR=/usr/lib/cni
 KUBE_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl pause ociimage)
-HOST_TOOLS=(containerd containerd-shim-runc-v2 runc ctr openssl ip ss flock setsid)
+HOST_TOOLS=(containerd containerd-shim-runc-v2 runc ctr openssl ip ss flock setsid unshare findmnt)
 
 log() { printf 'k8s-cluster: %s\n' "$*" >&2; }
 die() { printf 'k8s-cluster: error: %s\n' "$*" >&2; exit 1; }
