@@ -8,6 +8,7 @@ pub mod bzimage;
 pub mod frames;
 pub mod http;
 pub mod iperf3;
+pub mod k8s;
 pub mod kernel;
 pub mod names;
 pub mod netns_topology;
