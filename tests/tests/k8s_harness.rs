@@ -1,7 +1,7 @@
 //! The test Kubernetes of `tests/k8s/` is a working cluster: its node is Ready and runs the
 //! release we built, pods of images built here run without a registry, `kubectl logs`, `exec`
 //! and `attach` reach containers through the API server, RuntimeClass `ferrovirt` pods get the
-//! cluster network, namespaces of tests go away, and ServiceAccount kubeconfigs get exactly
+//! cluster network as eth0 and a second conflist's network as eth1, namespaces of tests go away, and ServiceAccount kubeconfigs get exactly
 //! their RBAC. Run inside the cluster:
 //! `tests/k8s/build.sh && tests/k8s/cluster.sh run -- cargo test -p ferrovirt-tests --features k8s --test k8s_harness`
 
@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferrovirt_tests::k8s::{Cluster, Namespace, wait_for};
+use ferrovirt_tests::{CleanupGuard, Link, unique_name};
 
 const POD_READY: Duration = Duration::from_secs(90);
 
@@ -207,46 +208,103 @@ fn kubectl_attach_reaches_the_containers_stdin_and_stdout() {
 }
 
 #[test]
-fn pod_of_runtime_class_ferrovirt_gets_eth0_with_its_pod_ip() {
+fn runtime_class_ferrovirt_pods_get_eth0_and_eth1_from_a_second_conflist() {
+    let cluster = Cluster::from_env();
+    // Declared before the namespace, so on any exit the pods go first (CNI DEL of eth1 still
+    // finds its network), then the conflist, then the bridge.
+    let bridge = Link::bridge(&unique_name("fvb")).unwrap_or_else(|e| panic!("{e}"));
+    let conflist_path = cluster.vm_cni_dir().join("20-second.conflist");
+    let _conflist = CleanupGuard::new(conflist_path.display().to_string(), |path| {
+        let _ = std::fs::remove_file(path);
+    });
     let ns = namespace("rtc");
-    create_sleeper(&ns, "vmish", Some("ferrovirt"));
+
+    create_sleeper(&ns, "first", Some("ferrovirt"));
     let pod = ns
-        .get_json(&["pod", "vmish"])
+        .get_json(&["pod", "first"])
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(str_at(&pod, "/spec/runtimeClassName"), "ferrovirt");
     let pod_ip = str_at(&pod, "/status/podIP").to_string();
-    let addresses = ns
-        .kubectl(&[
-            "exec",
-            "vmish",
-            "--",
-            "/bin/busybox",
-            "ip",
-            "-4",
-            "-o",
-            "addr",
-            "show",
-            "eth0",
-        ])
+    let eth0 = ipv4_of(&ns, "first", "eth0");
+    assert!(
+        eth0.contains(&format!("inet {pod_ip}/")),
+        "eth0 of the pod does not hold its pod IP {pod_ip}: {eth0}"
+    );
+    assert_eq!(links_of(&ns, "first"), ["eth0", "lo"]);
+
+    // What the node's tests do for a VM network: a second conflist beside the cluster's.
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("{}-second", ns.name()),
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge.name(),
+            "isGateway": false,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.246.0.0/24"}]],
+                "dataDir": cluster.state_dir().join("cni-ipam"),
+            },
+        }],
+    });
+    // Renamed into place: containerd must never load a half-written file.
+    let staged = conflist_path.with_extension("tmp");
+    std::fs::write(&staged, conflist.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::rename(&staged, &conflist_path).unwrap_or_else(|e| panic!("{e}"));
+    // containerd picks the file up through inotify; a pod created before that has only eth0.
+    let mut attempt = 0;
+    let name = wait_for("a pod with eth1", Duration::from_secs(30), || {
+        attempt += 1;
+        let name = format!("second-{attempt}");
+        create_sleeper(&ns, &name, Some("ferrovirt"));
+        let links = links_of(&ns, &name);
+        if links == ["eth0", "eth1", "lo"] {
+            Ok(name)
+        } else {
+            Err(format!("{name} has {links:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let eth1 = ipv4_of(&ns, &name, "eth1");
+    assert!(eth1.contains("inet 10.246.0."), "{eth1}");
+    // The pod's eth1 is a port of the test's bridge on the host.
+    let ports = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", bridge.name()])
+        .output()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        addresses.contains(&format!("inet {pod_ip}/")),
-        "eth0 of the pod does not hold its pod IP {pod_ip}: {addresses}"
+        String::from_utf8_lossy(&ports.stdout).contains("veth"),
+        "no veth on bridge {}: {ports:?}",
+        bridge.name()
     );
-    // The second conflist of the node's tests is not there yet: no eth1.
-    let links = ns
-        .kubectl(&[
-            "exec",
-            "vmish",
-            "--",
-            "/bin/busybox",
-            "ls",
-            "/sys/class/net",
-        ])
+}
+
+/// `ip -4 -o addr show DEV` inside the pod.
+fn ipv4_of(ns: &Namespace, pod: &str, dev: &str) -> String {
+    ns.kubectl(&[
+        "exec",
+        pod,
+        "--",
+        "/bin/busybox",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        dev,
+    ])
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The pod's network interfaces, sorted.
+fn links_of(ns: &Namespace, pod: &str) -> Vec<String> {
+    let out = ns
+        .kubectl(&["exec", pod, "--", "/bin/busybox", "ls", "/sys/class/net"])
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut links: Vec<&str> = links.split_whitespace().collect();
+    let mut links: Vec<String> = out.split_whitespace().map(str::to_string).collect();
     links.sort_unstable();
-    assert_eq!(links, ["eth0", "lo"]);
+    links
 }
 
 #[test]
