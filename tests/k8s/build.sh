@@ -57,6 +57,9 @@ VERSION_LDFLAGS+=" -X k8s.io/component-base/version.gitTreeState=clean"
 VERSION_LDFLAGS+=" ${VERSION_LDFLAGS//component-base\/version/client-go\/pkg\/version}"
 LDFLAGS="-s -w"
 
+# No VCS stamp: the binaries depend only on the inputs of the key, not on the checkout's state.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
+
 total_start=$(date +%s)
 timings=()
 

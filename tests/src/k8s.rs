@@ -29,7 +29,9 @@ const BUSYBOX_BINARY: &str = "/bin/busybox";
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
-    #[error("cannot run {program} (is it built? run tests/k8s/build.sh)")]
+    #[error(
+        "cannot run {program}: tests/k8s/build.sh builds kubectl and ociimage, scripts/setup.sh installs ctr"
+    )]
     Spawn {
         program: String,
         #[source]
