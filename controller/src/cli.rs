@@ -42,7 +42,7 @@ pub enum Command {
         out: Option<PathBuf>,
     },
     /// Run the controller against the cluster of the in-cluster config or KUBECONFIG.
-    Run(crate::run::Settings),
+    Run(Box<crate::run::Settings>),
 }
 
 /// The YAML of every CRD, with its file name.
@@ -79,7 +79,7 @@ fn write_crds(out: Option<&Path>) -> Result<(), Error> {
 pub fn run_cli(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Crds { out } => write_crds(out.as_deref()).map_err(|e| e.to_string()),
-        Command::Run(settings) => return crate::run::main(settings),
+        Command::Run(settings) => return crate::run::main(*settings),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

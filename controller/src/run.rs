@@ -216,7 +216,12 @@ async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>, stop: watch
             Api::<VirtualMachineInstanceMigration>::namespaced(client.clone(), ns),
             Api::<Pod>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
     let launchers = watcher::Config::default().labels(launcher::LABEL_VMI_UID);
     let vm = Controller::new(vms, watcher::Config::default())

@@ -137,8 +137,15 @@ pub fn try_controller_binary() -> Result<PathBuf, ArtifactError> {
 /// Returns fvctl: `$FERROVIRT_FVCTL` if set, else a release build made once per process.
 pub fn try_fvctl_binary() -> Result<PathBuf, ArtifactError> {
     static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
-    BIN.get_or_init(|| build_release_binary("FERROVIRT_FVCTL", "ferrovirt-controller", "fvctl", "controller"))
-        .clone()
+    BIN.get_or_init(|| {
+        build_release_binary(
+            "FERROVIRT_FVCTL",
+            "ferrovirt-controller",
+            "fvctl",
+            "controller",
+        )
+    })
+    .clone()
 }
 
 fn build_testguest() -> Result<PathBuf, ArtifactError> {

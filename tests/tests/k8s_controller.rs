@@ -15,7 +15,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use ferrovirt_tests::k8s::{Cluster, Namespace, OciImage, ServiceAccountKubeconfig, wait_for};
-use ferrovirt_tests::{GuardedProcess, ScratchDir, repo_root, try_controller_binary, try_fvctl_binary};
+use ferrovirt_tests::{
+    GuardedProcess, ScratchDir, repo_root, try_controller_binary, try_fvctl_binary,
+};
 use serde_json::Value;
 
 const LAUNCHER_IMAGE: &str = "ferrovirt.io/test-launcher:test";
@@ -66,12 +68,15 @@ fn cluster() -> &'static Cluster {
 }
 
 fn namespace(prefix: &str) -> Namespace {
-    cluster().namespace(prefix).unwrap_or_else(|e| panic!("{e}"))
+    cluster()
+        .namespace(prefix)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A controller watching one namespace, under the controller's ServiceAccount.
 struct Controller {
     process: GuardedProcess,
+    namespace: String,
     _kubeconfig: ServiceAccountKubeconfig,
     _dir: ScratchDir,
 }
@@ -86,20 +91,55 @@ impl Controller {
         let mut cmd = Command::new(binary);
         cmd.env("KUBECONFIG", kubeconfig.path())
             .env("RUST_LOG", "info")
-            .args(["run", "--listen", "127.0.0.1:0", "--watch-namespace", ns.name()])
-            .args(["--launcher-image", LAUNCHER_IMAGE, "--launcher-pull-policy", "Never"])
-            .args(["--lease-namespace", "ferrovirt", "--lease-name", &format!("lease-{}", ns.name())])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--watch-namespace",
+                ns.name(),
+            ])
+            .args([
+                "--launcher-image",
+                LAUNCHER_IMAGE,
+                "--launcher-pull-policy",
+                "Never",
+            ])
+            .args([
+                "--lease-namespace",
+                "ferrovirt",
+                "--lease-name",
+                &format!("lease-{}", ns.name()),
+            ])
             .args(["--lease-duration", "4", "--lease-grace", "1"])
             .args(extra);
-        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr")).unwrap_or_else(|e| panic!("{e}"));
-        Controller { process, _kubeconfig: kubeconfig, _dir: dir }
+        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Controller {
+            process,
+            namespace: ns.name().to_owned(),
+            _kubeconfig: kubeconfig,
+            _dir: dir,
+        }
     }
 }
 
 impl Drop for Controller {
+    /// Deletes the namespace's VMs, VMIs and migrations while the controller still runs, so
+    /// that their finalizers are released and the namespace can go.
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("controller stderr:\n{}", self.process.stderr());
+        }
+        if self.process.try_exit().ok().flatten().is_none() {
+            let _ = cluster().kubectl(&[
+                "-n",
+                &self.namespace,
+                "delete",
+                "vm,vmi,vmim",
+                "--all",
+                "--wait=true",
+                "--timeout=60s",
+            ]);
         }
     }
 }
@@ -113,20 +153,33 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
 }
 
 /// Waits until `kind/name`'s JSON satisfies `check`; returns it.
-fn wait_json(ns: &Namespace, kind: &str, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+fn wait_json(
+    ns: &Namespace,
+    kind: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     wait_for(what, WAIT, || match get(ns, &[kind, name]) {
         Some(v) if check(&v) => Ok(v),
-        Some(v) => Err(format!("{}", v.get("status").cloned().unwrap_or(Value::Null))),
+        Some(v) => Err(format!(
+            "{}",
+            v.get("status").cloned().unwrap_or(Value::Null)
+        )),
         None => Err(format!("no {kind} {name}")),
     })
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn wait_gone(ns: &Namespace, kind: &str, name: &str) {
-    wait_for(&format!("{kind} {name} to be deleted"), WAIT, || match get(ns, &[kind, name]) {
-        Some(_) => Err("still there".into()),
-        None => Ok(()),
-    })
+    wait_for(
+        &format!("{kind} {name} to be deleted"),
+        WAIT,
+        || match get(ns, &[kind, name]) {
+            Some(_) => Err("still there".into()),
+            None => Ok(()),
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
@@ -177,43 +230,81 @@ fn uid(v: &Value) -> String {
 fn always_vm_gets_a_vmi_and_a_launcher_pod_and_fvctl_stops_and_starts_it() {
     let ns = namespace("ctl-always");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("web", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    let vmi = wait_json(&ns, "vmi", "web", "VMI web Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+    ns.apply(&vm_yaml("web", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let vmi = wait_json(&ns, "vmi", "web", "VMI web Scheduled", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     assert_eq!(str_at(&vmi, "/status/nodeName"), "localhost");
     assert_eq!(str_at(&vmi, "/status/launcherPod"), "virt-launcher-web");
-    assert_eq!(str_at(&vmi, "/metadata/ownerReferences/0/kind"), "VirtualMachine");
+    assert_eq!(
+        str_at(&vmi, "/metadata/ownerReferences/0/kind"),
+        "VirtualMachine"
+    );
     assert_eq!(str_at(&vmi, "/spec/domain/memory/guest"), "64Mi");
     let pod = get(&ns, &["pod", "virt-launcher-web"]).expect("launcher pod");
     assert_eq!(str_at(&pod, "/metadata/ownerReferences/0/uid"), uid(&vmi));
     assert_eq!(str_at(&pod, "/metadata/labels/ferrovirt.io~1vmi"), "web");
     assert_eq!(str_at(&pod, "/metadata/labels/app"), "web");
     assert_eq!(str_at(&pod, "/spec/containers/0/image"), LAUNCHER_IMAGE);
-    assert_eq!(str_at(&pod, "/spec/containers/0/resources/requests/devices.ferrovirt.io~1kvm"), "1");
+    assert_eq!(
+        str_at(
+            &pod,
+            "/spec/containers/0/resources/requests/devices.ferrovirt.io~1kvm"
+        ),
+        "1"
+    );
     // 64 MiB guest + 32 base + 2 per vCPU + 8 per device.
-    assert_eq!(str_at(&pod, "/spec/containers/0/resources/requests/memory"), "106Mi");
+    assert_eq!(
+        str_at(&pod, "/spec/containers/0/resources/requests/memory"),
+        "106Mi"
+    );
     assert_eq!(str_at(&pod, "/status/phase"), "Running");
     let phases: Vec<&str> = vmi["status"]["phaseTransitionTimestamps"]
         .as_array()
-        .map(|a| a.iter().map(|p| p["phase"].as_str().unwrap_or("")).collect())
+        .map(|a| {
+            a.iter()
+                .map(|p| p["phase"].as_str().unwrap_or(""))
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(phases.last(), Some(&"Scheduled"), "{phases:?}");
-    let vm = wait_json(&ns, "vm", "web", "VM web created", |v| v.pointer("/status/created") == Some(&Value::Bool(true)));
+    let vm = wait_json(&ns, "vm", "web", "VM web created", |v| {
+        v.pointer("/status/created") == Some(&Value::Bool(true))
+    });
     assert_eq!(str_at(&vm, "/status/printableStatus"), "Starting");
-    let events = ns.kubectl(&["get", "events", "-o", "json"]).unwrap_or_else(|e| panic!("{e}"));
+    let events = ns
+        .kubectl(&["get", "events", "-o", "json"])
+        .unwrap_or_else(|e| panic!("{e}"));
     for reason in ["SuccessfulCreate", "Scheduled"] {
         assert!(events.contains(reason), "no {reason} event in {events}");
     }
     // Printer columns.
-    let table = ns.kubectl(&["get", "vmi", "web"]).unwrap_or_else(|e| panic!("{e}"));
-    assert!(table.contains("PHASE") && table.contains("NODENAME") && table.contains("Scheduled") && table.contains("localhost"), "{table}");
-    let table = ns.kubectl(&["get", "vm", "web"]).unwrap_or_else(|e| panic!("{e}"));
-    assert!(table.contains("STATUS") && table.contains("Starting"), "{table}");
+    let table = ns
+        .kubectl(&["get", "vmi", "web"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        table.contains("PHASE")
+            && table.contains("NODENAME")
+            && table.contains("Scheduled")
+            && table.contains("localhost"),
+        "{table}"
+    );
+    let table = ns
+        .kubectl(&["get", "vm", "web"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        table.contains("STATUS") && table.contains("Starting"),
+        "{table}"
+    );
 
     let (code, _, err) = fvctl(&ns, &["stop", "web"]);
     assert_eq!(code, 0, "fvctl stop: {err}");
     assert!(get(&ns, &["vmi", "web"]).is_none());
     wait_gone(&ns, "pod", "virt-launcher-web");
-    let vm = wait_json(&ns, "vm", "web", "VM web Stopped", |v| str_at(v, "/status/printableStatus") == "Stopped");
+    let vm = wait_json(&ns, "vm", "web", "VM web Stopped", |v| {
+        str_at(v, "/status/printableStatus") == "Stopped"
+    });
     assert_eq!(str_at(&vm, "/spec/runStrategy"), "Halted");
     let (code, _, err) = fvctl(&ns, &["stop", "web"]);
     assert_eq!(code, 1, "second stop: {err}");
@@ -240,27 +331,49 @@ fn always_vm_gets_a_vmi_and_a_launcher_pod_and_fvctl_stops_and_starts_it() {
 fn rerun_on_failure_restarts_a_failed_vmi_and_once_does_not() {
     let ns = namespace("ctl-rerun");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("rerun-fail", "RerunOnFailure", "")).unwrap_or_else(|e| panic!("{e}"));
-    ns.apply(&vm_yaml("once-fail", "Once", "")).unwrap_or_else(|e| panic!("{e}"));
-    ns.apply(&vm_yaml("rerun-done", "RerunOnFailure", "")).unwrap_or_else(|e| panic!("{e}"));
-    let first = wait_json(&ns, "vmi", "rerun-fail", "first VMI", |v| !uid(v).is_empty());
+    ns.apply(&vm_yaml("rerun-fail", "RerunOnFailure", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ns.apply(&vm_yaml("once-fail", "Once", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ns.apply(&vm_yaml("rerun-done", "RerunOnFailure", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = wait_json(&ns, "vmi", "rerun-fail", "first VMI", |v| {
+        !uid(v).is_empty()
+    });
     // The launcher exits 3: the VMI fails and a new one replaces it.
-    wait_for("a second VMI of rerun-fail", WAIT, || match get(&ns, &["vmi", "rerun-fail"]) {
-        Some(v) if uid(&v) != uid(&first) => Ok(()),
-        other => Err(format!("{:?}", other.map(|v| v["status"].clone()))),
+    wait_for("a second VMI of rerun-fail", WAIT, || {
+        match get(&ns, &["vmi", "rerun-fail"]) {
+            Some(v) if uid(&v) != uid(&first) => Ok(()),
+            other => Err(format!("{:?}", other.map(|v| v["status"].clone()))),
+        }
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let once = wait_json(&ns, "vmi", "once-fail", "once-fail Failed", |v| str_at(v, "/status/phase") == "Failed");
-    assert!(str_at(&once, "/status/reason").contains("exited with status 3"), "{once}");
-    let done = wait_json(&ns, "vmi", "rerun-done", "rerun-done Succeeded", |v| str_at(v, "/status/phase") == "Succeeded");
+    let once = wait_json(&ns, "vmi", "once-fail", "once-fail Failed", |v| {
+        str_at(v, "/status/phase") == "Failed"
+    });
+    assert!(
+        str_at(&once, "/status/reason").contains("exited with status 3"),
+        "{once}"
+    );
+    let done = wait_json(&ns, "vmi", "rerun-done", "rerun-done Succeeded", |v| {
+        str_at(v, "/status/phase") == "Succeeded"
+    });
     std::thread::sleep(Duration::from_secs(3));
     let once_again = get(&ns, &["vmi", "once-fail"]).expect("once VMI kept");
     assert_eq!(uid(&once_again), uid(&once), "Once restarted its VMI");
     let done_again = get(&ns, &["vmi", "rerun-done"]).expect("succeeded VMI kept");
-    assert_eq!(uid(&done_again), uid(&done), "RerunOnFailure restarted a VMI that succeeded");
-    let vm = wait_json(&ns, "vm", "once-fail", "once-fail Stopped", |v| str_at(v, "/status/printableStatus") == "Stopped");
+    assert_eq!(
+        uid(&done_again),
+        uid(&done),
+        "RerunOnFailure restarted a VMI that succeeded"
+    );
+    let vm = wait_json(&ns, "vm", "once-fail", "once-fail Stopped", |v| {
+        str_at(v, "/status/printableStatus") == "Stopped"
+    });
     assert_eq!(vm.pointer("/status/ready"), Some(&Value::Bool(false)));
-    let events = ns.kubectl(&["get", "events", "-o", "json"]).unwrap_or_else(|e| panic!("{e}"));
+    let events = ns
+        .kubectl(&["get", "events", "-o", "json"])
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(events.contains("\"Failed\""), "no Failed event");
 }
 
@@ -300,19 +413,35 @@ spec:
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let vmi = wait_json(&ns, "vmi", "p1", "presets applied", |v| {
-        v.pointer("/metadata/annotations/ferrovirt.io~1presets-applied").is_some()
+        v.pointer("/metadata/annotations/ferrovirt.io~1presets-applied")
+            .is_some()
     });
     // Presets apply in name order: big (cores 8) first, then small conflicts on cores.
-    assert_eq!(str_at(&vmi, "/metadata/annotations/ferrovirt.io~1presets-applied"), "big");
+    assert_eq!(
+        str_at(&vmi, "/metadata/annotations/ferrovirt.io~1presets-applied"),
+        "big"
+    );
     assert_eq!(vmi.pointer("/spec/domain/cpu/cores"), Some(&Value::from(8)));
     let events = wait_for("PresetConflict event", WAIT, || {
-        let e = ns.kubectl(&["get", "events", "-o", "json"]).map_err(|e| e.to_string())?;
-        if e.contains("PresetConflict") { Ok(e) } else { Err("none yet".into()) }
+        let e = ns
+            .kubectl(&["get", "events", "-o", "json"])
+            .map_err(|e| e.to_string())?;
+        if e.contains("PresetConflict") {
+            Ok(e)
+        } else {
+            Err("none yet".into())
+        }
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(events.contains("preset small not applied: it sets domain.cpu.cores"), "{events}");
+    assert!(
+        events.contains("preset small not applied: it sets domain.cpu.cores"),
+        "{events}"
+    );
     let pod = wait_json(&ns, "pod", "virt-launcher-p1", "launcher pod", |_| true);
-    assert_eq!(str_at(&pod, "/spec/containers/0/resources/requests/cpu"), "800m");
+    assert_eq!(
+        str_at(&pod, "/spec/containers/0/resources/requests/cpu"),
+        "800m"
+    );
 }
 
 #[test]
@@ -320,23 +449,88 @@ fn bad_manifests_are_refused_with_a_message() {
     let ns = namespace("ctl-bad");
     let _ = cluster();
     let base = |spec: &str| {
-        format!("apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: bad}}\nspec:\n{spec}")
+        format!(
+            "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: bad}}\nspec:\n{spec}"
+        )
     };
     let template = |inner: &str| format!("  template:\n    spec:\n{inner}");
     let mem = "      domain:\n        memory: {guest: 64Mi}\n";
     let cases: Vec<(String, &str)> = vec![
-        (base(&format!("  running: true\n  runStrategy: Always\n{}", template(mem))), "set spec.runStrategy or the deprecated spec.running, not both"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 64Mi}\n        devices:\n          disks: [{name: root}]\n"))), "needs a volume of the same name"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, masquerade: {}}]\n"))), "needs a network of the same name"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain: {devices: {}}\n"))), "set the guest's memory"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 512Ki}\n"))), "at least 1Mi"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 64Mi}\n      volumes: [{name: a, emptyDisk: {capacity: 1Mi}}, {name: a, emptyDisk: {capacity: 1Mi}}]\n"))), "Duplicate value"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, binding: {name: passt}}]\n      networks: [{name: nic, pod: {}}]\n"))), "ferrovirt supports binding.name: vhostuser"),
-        (base(&format!("  runStrategy: Always\n{}", template("      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, bridge: {}, masquerade: {}}]\n      networks: [{name: nic, pod: {}}]\n"))), "exactly one binding method"),
-        (base(&format!("  runStrategy: Sometimes\n{}", template(mem))), "Unsupported value: \"Sometimes\""),
+        (
+            base(&format!(
+                "  running: true\n  runStrategy: Always\n{}",
+                template(mem)
+            )),
+            "set spec.runStrategy or the deprecated spec.running, not both",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template(
+                    "      domain:\n        memory: {guest: 64Mi}\n        devices:\n          disks: [{name: root}]\n"
+                )
+            )),
+            "needs a volume of the same name",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template(
+                    "      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, masquerade: {}}]\n"
+                )
+            )),
+            "needs a network of the same name",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template("      domain: {devices: {}}\n")
+            )),
+            "set the guest's memory",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template("      domain:\n        memory: {guest: 512Ki}\n")
+            )),
+            "at least 1Mi",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template(
+                    "      domain:\n        memory: {guest: 64Mi}\n      volumes: [{name: a, emptyDisk: {capacity: 1Mi}}, {name: a, emptyDisk: {capacity: 1Mi}}]\n"
+                )
+            )),
+            "Duplicate value",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template(
+                    "      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, binding: {name: passt}}]\n      networks: [{name: nic, pod: {}}]\n"
+                )
+            )),
+            "ferrovirt supports binding.name: vhostuser",
+        ),
+        (
+            base(&format!(
+                "  runStrategy: Always\n{}",
+                template(
+                    "      domain:\n        memory: {guest: 64Mi}\n        devices:\n          interfaces: [{name: nic, bridge: {}, masquerade: {}}]\n      networks: [{name: nic, pod: {}}]\n"
+                )
+            )),
+            "exactly one binding method",
+        ),
+        (
+            base(&format!("  runStrategy: Sometimes\n{}", template(mem))),
+            "Unsupported value: \"Sometimes\"",
+        ),
     ];
     for (yaml, want) in cases {
-        let result = ns.cluster().kubectl_stdin(&["-n", ns.name(), "apply", "-f", "-"], &yaml);
+        let result = ns
+            .cluster()
+            .kubectl_stdin(&["-n", ns.name(), "apply", "-f", "-"], &yaml);
         let err = match result {
             Ok(out) => panic!("accepted:\n{yaml}\n{out}"),
             Err(e) => e.to_string(),
@@ -346,16 +540,45 @@ fn bad_manifests_are_refused_with_a_message() {
 }
 
 #[test]
+fn a_kubevirt_manifest_is_accepted_after_changing_only_its_api_version() {
+    let ns = namespace("ctl-kubevirt");
+    let manifest = std::fs::read_to_string(repo_root().join("examples/kubevirt/fedora-nat.yaml"))
+        .expect("example")
+        .replace(
+            "apiVersion: kubevirt.io/v1",
+            "apiVersion: ferrovirt.io/v1alpha1",
+        );
+    ns.apply(&manifest)
+        .unwrap_or_else(|e| panic!("strict apply refused the KubeVirt manifest: {e}"));
+    let vm = get(&ns, &["vm", "fedora-nat"]).expect("vm");
+    assert_eq!(
+        str_at(&vm, "/spec/template/spec/volumes/0/containerDisk/image"),
+        "quay.example/containerdisks/fedora:41"
+    );
+    assert_eq!(
+        vm.pointer("/spec/template/spec/domain/cpu/cores"),
+        Some(&Value::from(2))
+    );
+}
+
+#[test]
 fn kubectl_explain_prints_the_field_descriptions() {
     let _ = cluster();
     let out = cluster()
         .kubectl(&["explain", "vm.spec.template.spec.domain.devices.disks"])
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.contains("Disks, each backed by the volume of the same name"), "{out}");
+    assert!(
+        out.contains("Disks, each backed by the volume of the same name"),
+        "{out}"
+    );
     assert!(out.contains("bootOrder"), "{out}");
-    let out = cluster().kubectl(&["explain", "vmi.status.phase"]).unwrap_or_else(|e| panic!("{e}"));
+    let out = cluster()
+        .kubectl(&["explain", "vmi.status.phase"])
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.contains("Where the VMI is in its lifecycle"), "{out}");
-    let all = cluster().kubectl(&["api-resources", "--categories=ferrovirt", "-o", "name"]).unwrap_or_else(|e| panic!("{e}"));
+    let all = cluster()
+        .kubectl(&["api-resources", "--categories=ferrovirt", "-o", "name"])
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(all.lines().count(), 4, "{all}");
 }
 
@@ -363,11 +586,20 @@ fn kubectl_explain_prints_the_field_descriptions() {
 fn an_unschedulable_vmi_reports_the_schedulers_reason() {
     let ns = namespace("ctl-unsched");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("nowhere", "Always", "      nodeSelector: {ferrovirt.io/no-such-label: \"x\"}\n"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let vm = wait_json(&ns, "vm", "nowhere", "ErrorUnschedulable", |v| str_at(v, "/status/printableStatus") == "ErrorUnschedulable");
+    ns.apply(&vm_yaml(
+        "nowhere",
+        "Always",
+        "      nodeSelector: {ferrovirt.io/no-such-label: \"x\"}\n",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let vm = wait_json(&ns, "vm", "nowhere", "ErrorUnschedulable", |v| {
+        str_at(v, "/status/printableStatus") == "ErrorUnschedulable"
+    });
     let conditions = vm["status"]["conditions"].to_string();
-    assert!(conditions.contains("didn't match Pod's node affinity/selector"), "{conditions}");
+    assert!(
+        conditions.contains("didn't match Pod's node affinity/selector"),
+        "{conditions}"
+    );
     let vmi = get(&ns, &["vmi", "nowhere"]).expect("vmi");
     assert_eq!(str_at(&vmi, "/status/phase"), "Scheduling");
 }
@@ -376,14 +608,25 @@ fn an_unschedulable_vmi_reports_the_schedulers_reason() {
 fn deleting_a_vm_stops_its_vmi_and_pod_before_it_goes() {
     let ns = namespace("ctl-delete");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("gone", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    wait_json(&ns, "vmi", "gone", "Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+    ns.apply(&vm_yaml("gone", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_json(&ns, "vmi", "gone", "Scheduled", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     let vmi = get(&ns, &["vmi", "gone"]).expect("vmi");
-    assert!(vmi["metadata"]["finalizers"].to_string().contains("ferrovirt.io/controller"));
-    ns.kubectl(&["delete", "vm", "gone", "--wait=false"]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        vmi["metadata"]["finalizers"]
+            .to_string()
+            .contains("ferrovirt.io/controller")
+    );
+    ns.kubectl(&["delete", "vm", "gone", "--wait=false"])
+        .unwrap_or_else(|e| panic!("{e}"));
     wait_gone(&ns, "vm", "gone");
     assert!(get(&ns, &["vmi", "gone"]).is_none(), "VMI outlived its VM");
-    assert!(get(&ns, &["pod", "virt-launcher-gone"]).is_none(), "pod outlived its VM");
+    assert!(
+        get(&ns, &["pod", "virt-launcher-gone"]).is_none(),
+        "pod outlived its VM"
+    );
 }
 
 #[test]
@@ -391,13 +634,16 @@ fn a_killed_controller_restarts_without_losing_or_duplicating_anything() {
     let ns = namespace("ctl-restart");
     let mut c = Controller::start(&ns, &["--no-leader-elect"]);
     for i in 0..5 {
-        ns.apply(&vm_yaml(&format!("r{i}"), "Always", "")).unwrap_or_else(|e| panic!("{e}"));
+        ns.apply(&vm_yaml(&format!("r{i}"), "Always", ""))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     std::thread::sleep(Duration::from_millis(800));
     c.process.kill().unwrap_or_else(|e| panic!("{e}"));
     let c2 = Controller::start(&ns, &["--no-leader-elect"]);
     for i in 0..5 {
-        wait_json(&ns, "vmi", &format!("r{i}"), "Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+        wait_json(&ns, "vmi", &format!("r{i}"), "Scheduled", |v| {
+            str_at(v, "/status/phase") == "Scheduled"
+        });
     }
     let pods = ns.get_json(&["pods"]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pods["items"].as_array().map(Vec::len), Some(5), "{pods}");
@@ -422,19 +668,33 @@ fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let _b = Controller::start(&ns, &["--identity", "replica-b"]);
-    ns.apply(&vm_yaml("led", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    wait_json(&ns, "vmi", "led", "Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+    ns.apply(&vm_yaml("led", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_json(&ns, "vmi", "led", "Scheduled", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     assert_eq!(holder(cluster()).as_deref(), Some("replica-a"));
     a.process.kill().unwrap_or_else(|e| panic!("{e}"));
     let start = std::time::Instant::now();
-    wait_for("replica-b to take over", Duration::from_secs(30), || match holder(cluster()) {
-        Some(h) if h == "replica-b" => Ok(()),
-        other => Err(format!("{other:?}")),
-    })
+    wait_for(
+        "replica-b to take over",
+        Duration::from_secs(30),
+        || match holder(cluster()) {
+            Some(h) if h == "replica-b" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(start.elapsed() < Duration::from_secs(15), "takeover took {:?}", start.elapsed());
-    ns.apply(&vm_yaml("led2", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    wait_json(&ns, "vmi", "led2", "Scheduled under replica-b", |v| str_at(v, "/status/phase") == "Scheduled");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "takeover took {:?}",
+        start.elapsed()
+    );
+    ns.apply(&vm_yaml("led2", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_json(&ns, "vmi", "led2", "Scheduled under replica-b", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     let _ = cluster().kubectl(&["-n", "ferrovirt", "delete", "lease", &lease]);
 }
 
@@ -470,14 +730,22 @@ fn the_controllers_service_account_can_do_its_job_and_no_more() {
 fn a_migration_that_cannot_proceed_fails_with_a_reason() {
     let ns = namespace("ctl-migrate");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("mover", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    wait_json(&ns, "vmi", "mover", "Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+    ns.apply(&vm_yaml("mover", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_json(&ns, "vmi", "mover", "Scheduled", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     let (code, _, err) = fvctl(&ns, &["migrate", "mover"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("only a Running VMI can migrate"), "{err}");
     // Act as the node agent: the guest runs.
     ns.kubectl(&[
-        "patch", "vmi", "mover", "--subresource=status", "--type=merge", "-p",
+        "patch",
+        "vmi",
+        "mover",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
         r#"{"status":{"phase":"Running"}}"#,
     ])
     .unwrap_or_else(|e| panic!("{e}"));
@@ -488,20 +756,33 @@ fn a_migration_that_cannot_proceed_fails_with_a_reason() {
     let vmims = ns.get_json(&["vmims"]).unwrap_or_else(|e| panic!("{e}"));
     assert!(vmims.to_string().contains("\"Failed\""));
     wait_for("target pods removed", WAIT, || {
-        let pods = ns.get_json(&["pods", "-l", "ferrovirt.io/role=migration-target"]).map_err(|e| e.to_string())?;
-        if pods["items"].as_array().is_some_and(Vec::is_empty) { Ok(()) } else { Err("target pod left".into()) }
+        let pods = ns
+            .get_json(&["pods", "-l", "ferrovirt.io/role=migration-target"])
+            .map_err(|e| e.to_string())?;
+        if pods["items"].as_array().is_some_and(Vec::is_empty) {
+            Ok(())
+        } else {
+            Err("target pod left".into())
+        }
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let vmi = get(&ns, &["vmi", "mover"]).expect("vmi");
-    assert_eq!(str_at(&vmi, "/status/phase"), "Running", "the controller moved a Running VMI back");
+    assert_eq!(
+        str_at(&vmi, "/status/phase"),
+        "Running",
+        "the controller moved a Running VMI back"
+    );
 }
 
 #[test]
 fn fvctl_console_reaches_the_launchers_terminal_through_the_api_server() {
     let ns = namespace("ctl-console");
     let _c = Controller::start(&ns, &["--no-leader-elect"]);
-    ns.apply(&vm_yaml("talk", "Always", "")).unwrap_or_else(|e| panic!("{e}"));
-    wait_json(&ns, "vmi", "talk", "Scheduled", |v| str_at(v, "/status/phase") == "Scheduled");
+    ns.apply(&vm_yaml("talk", "Always", ""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_json(&ns, "vmi", "talk", "Scheduled", |v| {
+        str_at(v, "/status/phase") == "Scheduled"
+    });
     let binary = try_fvctl_binary().unwrap_or_else(|e| panic!("{e}"));
     let mut child = Command::new(binary)
         .env("KUBECONFIG", cluster().kubeconfig())
@@ -537,5 +818,8 @@ fn fvctl_console_reaches_the_launchers_terminal_through_the_api_server() {
     let seen = reader.join().expect("reader");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(seen.contains("console: hello-from-fvctl"), "console output: {seen:?}");
+    assert!(
+        seen.contains("console: hello-from-fvctl"),
+        "console output: {seen:?}"
+    );
 }

@@ -131,7 +131,13 @@ pub async fn reconcile(
     vmim: Arc<VirtualMachineInstanceMigration>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    measured(&ctx, "vmim", reconcile_inner(&vmim, &ctx)).await
+    measured(&ctx, "vmim", async {
+        match super::fresh(&ctx.client, &*vmim, "VirtualMachineInstanceMigration").await? {
+            Some(vmim) => reconcile_inner(&vmim, &ctx).await,
+            None => Ok(Action::await_change()),
+        }
+    })
+    .await
 }
 
 async fn reconcile_inner(

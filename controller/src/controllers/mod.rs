@@ -183,6 +183,20 @@ where
     Ok(api.get_opt(name).await?)
 }
 
+/// `obj` as the API server has it now: the watch cache can lag behind the controller's own
+/// writes, and acting on a stale copy would repeat or undo a step. `None`: it is gone.
+pub async fn fresh<K>(client: &Client, obj: &K, kind: &'static str) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let ns = namespace(obj, kind)?;
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    Ok(api.get_opt(&obj.name_any()).await?)
+}
+
 /// True when `child` is controlled by the object with `uid`.
 pub fn controlled_by<K: Resource>(child: &K, uid: Option<&str>) -> bool {
     let Some(uid) = uid else { return false };

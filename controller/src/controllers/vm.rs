@@ -200,7 +200,13 @@ pub fn vmi_for(vm: &VirtualMachine) -> VirtualMachineInstance {
 }
 
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
-    measured(&ctx, "vm", reconcile_inner(&vm, &ctx)).await
+    measured(&ctx, "vm", async {
+        match super::fresh(&ctx.client, &*vm, "VirtualMachine").await? {
+            Some(vm) => reconcile_inner(&vm, &ctx).await,
+            None => Ok(Action::await_change()),
+        }
+    })
+    .await
 }
 
 async fn reconcile_inner(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {

@@ -114,7 +114,13 @@ pub async fn reconcile(
     vmi: Arc<VirtualMachineInstance>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    measured(&ctx, "vmi", reconcile_inner(&vmi, &ctx)).await
+    measured(&ctx, "vmi", async {
+        match super::fresh(&ctx.client, &*vmi, "VirtualMachineInstance").await? {
+            Some(vmi) => reconcile_inner(&vmi, &ctx).await,
+            None => Ok(Action::await_change()),
+        }
+    })
+    .await
 }
 
 async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<Action, Error> {

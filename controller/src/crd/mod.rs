@@ -44,3 +44,78 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Err
 pub fn file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::spec::DiskBus;
+
+    /// A KubeVirt manifest as users write it, apiVersion changed only.
+    pub(crate) fn kubevirt_example() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/kubevirt/fedora-nat.yaml"
+        );
+        std::fs::read_to_string(path)
+            .expect("examples/kubevirt/fedora-nat.yaml")
+            .replace(
+                "apiVersion: kubevirt.io/v1",
+                "apiVersion: ferrovirt.io/v1alpha1",
+            )
+    }
+
+    #[test]
+    fn a_kubevirt_manifest_parses_after_changing_only_its_api_version() {
+        let vm: VirtualMachine = serde_yaml::from_str(&kubevirt_example()).expect("parse");
+        assert_eq!(vm.spec.effective_run_strategy(), RunStrategy::Always);
+        let spec = &vm.spec.template.spec;
+        assert_eq!(spec.domain.cpu.as_ref().map(|c| c.vcpus()), Some(2));
+        assert_eq!(
+            spec.domain.devices.disks[0]
+                .disk
+                .as_ref()
+                .and_then(|d| d.bus),
+            Some(DiskBus::Virtio)
+        );
+        assert_eq!(spec.domain.devices.disks[0].boot_order, Some(1));
+        assert!(spec.volumes[0].container_disk.is_some());
+        assert!(spec.volumes[1].cloud_init_no_cloud.is_some());
+        assert!(spec.domain.devices.interfaces[0].masquerade.is_some());
+        assert!(spec.networks[0].pod.is_some());
+        let back: VirtualMachine =
+            serde_json::from_value(serde_json::to_value(&vm).expect("json")).expect("round trip");
+        assert_eq!(back.spec, vm.spec);
+    }
+
+    #[test]
+    fn running_maps_to_a_run_strategy() {
+        let mut vm: VirtualMachine = serde_yaml::from_str(&kubevirt_example()).expect("parse");
+        vm.spec.run_strategy = None;
+        vm.spec.running = Some(true);
+        assert_eq!(vm.spec.effective_run_strategy(), RunStrategy::Always);
+        vm.spec.running = Some(false);
+        assert_eq!(vm.spec.effective_run_strategy(), RunStrategy::Halted);
+        vm.spec.running = None;
+        assert_eq!(vm.spec.effective_run_strategy(), RunStrategy::Halted);
+    }
+
+    #[test]
+    fn the_schema_carries_rules_list_map_keys_and_columns() {
+        let yaml = to_yaml(&VirtualMachine::crd()).expect("yaml");
+        for needle in [
+            "set spec.runStrategy or the deprecated spec.running, not both",
+            "needs a volume of the same name",
+            "needs a network of the same name",
+            "spec.domain.memory.guest or spec.domain.resources.requests.memory",
+            "x-kubernetes-list-map-keys",
+            "x-kubernetes-preserve-unknown-fields: true",
+            "jsonPath: .status.printableStatus",
+        ] {
+            assert!(yaml.contains(needle), "VirtualMachine CRD lacks {needle:?}");
+        }
+        let vmi = to_yaml(&VirtualMachineInstance::crd()).expect("yaml");
+        assert!(
+            vmi.contains("jsonPath: .status.nodeName") && vmi.contains("shortNames:\n    - vmi")
+        );
+    }
+}

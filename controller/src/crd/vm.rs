@@ -91,9 +91,11 @@ pub struct VirtualMachineInstanceTemplate {
     pub spec: VirtualMachineInstanceSpec,
 }
 
-/// Metadata a template gives the objects made from it.
+/// Metadata a template gives the objects made from it. Other ObjectMeta fields are accepted
+/// and ignored, as KubeVirt manifests carry `creationTimestamp: null` here.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct TemplateMetadata {
     /// Labels, matched by presets and selectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
