@@ -35,6 +35,7 @@ pub struct Metrics {
     durations: HistogramFamily,
     phase_from_creation: HistogramFamily,
     leader: Gauge,
+    api_requests: Counter,
     /// Serialises encoders; `encode` needs `&Registry` only, but one scrape at a time is plenty.
     scrape: Mutex<()>,
 }
@@ -55,6 +56,12 @@ impl Metrics {
         let phase_from_creation =
             HistogramFamily::new_with_constructor(phase_histogram as fn() -> Histogram);
         let leader = Gauge::default();
+        let api_requests = Counter::default();
+        registry.register(
+            "ferrovirt_controller_api_requests",
+            "Requests this process sent to the API server (watches count once)",
+            api_requests.clone(),
+        );
         registry.register(
             "ferrovirt_controller_reconcile",
             "Reconciliations run, by kind",
@@ -87,6 +94,7 @@ impl Metrics {
             durations,
             phase_from_creation,
             leader,
+            api_requests,
             scrape: Mutex::new(()),
         }
     }
@@ -113,6 +121,11 @@ impl Metrics {
         self.phase_from_creation
             .get_or_create(&vec![("phase", phase.to_owned())])
             .observe(since_creation.as_secs_f64());
+    }
+
+    /// A handle that counts API requests (the client's request layer holds one).
+    pub fn api_request_counter(&self) -> Counter {
+        self.api_requests.clone()
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -143,6 +156,7 @@ mod tests {
         m.reconciled("vmi", Duration::from_millis(5), Some("kube"));
         m.phase_entered("Scheduled", Duration::from_millis(700));
         m.set_leader(true);
+        m.api_request_counter().inc();
         let text = m.render();
         assert!(
             text.contains("ferrovirt_controller_reconcile_total{kind=\"vmi\"} 2"),
@@ -166,5 +180,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ferrovirt_controller_leader 1"), "{text}");
+        assert!(
+            text.contains("ferrovirt_controller_api_requests_total 1"),
+            "{text}"
+        );
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -27,6 +26,10 @@ pub enum Error {
         "cannot reach the API server: {0} (set KUBECONFIG, or run in a pod with a ServiceAccount)"
     )]
     Client(kube::Error),
+    #[error(
+        "no cluster configuration: {0} (set KUBECONFIG, or run in a pod with a ServiceAccount)"
+    )]
+    Config(String),
     #[error(transparent)]
     Server(#[from] server::Error),
     #[error(transparent)]
@@ -127,9 +130,20 @@ async fn run(settings: Settings) -> Result<(), Error> {
         let _ = stop_tx.send(true);
     });
 
-    let client = Client::try_default().await.map_err(Error::Client)?;
-    client.apiserver_version().await.map_err(Error::Client)?;
     let health = Arc::new(Health::default());
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let counter = health.metrics.api_request_counter();
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        counter.inc();
+        req
+    });
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(Error::Client)?
+        .with_layer(&count)
+        .build();
+    client.apiserver_version().await.map_err(Error::Client)?;
     let serve = server::bind(settings.listen, health.clone(), stop_rx.clone()).await?;
     let server_task = tokio::spawn(serve);
     health.set_ready(true);

@@ -3,68 +3,26 @@
 //! refused by the API server with a message; the controller runs under its own ServiceAccount
 //! and RBAC, survives being killed, and elects one leader of two.
 //!
-//! Until the node issue's launcher exists, launcher pods run a busybox stand-in whose behaviour
-//! follows the VMI's name: `*fail*` exits 3 after 2 s, `*done*` exits 0 after 2 s, anything else
-//! runs until SIGTERM and echoes console input as `console: LINE`.
+//! Launcher pods run the stand-in launcher of `ferrovirt_tests::ferrovirt_k8s`.
 //!
 //! Run inside the cluster: `tests/k8s/cluster.sh run -- cargo test -p ferrovirt-tests --features k8s --test k8s_controller`
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ferrovirt_tests::k8s::{Cluster, Namespace, OciImage, ServiceAccountKubeconfig, wait_for};
-use ferrovirt_tests::{
-    GuardedProcess, ScratchDir, repo_root, try_controller_binary, try_fvctl_binary,
-};
+use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, LAUNCHER_IMAGE};
+use ferrovirt_tests::k8s::{Cluster, Namespace, wait_for};
+use ferrovirt_tests::{repo_root, try_fvctl_binary};
 use serde_json::Value;
 
-const LAUNCHER_IMAGE: &str = "ferrovirt.io/test-launcher:test";
 const WAIT: Duration = Duration::from_secs(90);
-const LAUNCHER_SCRIPT: &str = r#"case "$FERROVIRT_VMI_NAME" in
-  *fail*) sleep 2; exit 3;;
-  *done*) sleep 2; exit 0;;
-esac
-trap 'exit 0' TERM INT
-while true; do
-  if read -t 1 line; then echo "console: $line"; fi
-done"#;
 
-/// CRDs, RBAC and the stand-in launcher image, once per test process.
 fn cluster() -> &'static Cluster {
-    static SETUP: OnceLock<Cluster> = OnceLock::new();
-    SETUP.get_or_init(|| {
-        let cluster = Cluster::from_env();
-        let deploy = repo_root().join("deploy");
-        for file in ["crds", "namespace.yaml", "rbac-controller.yaml", "rbac-agent.yaml"] {
-            let path = deploy.join(file);
-            cluster
-                .kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        for crd in ["virtualmachines", "virtualmachineinstances", "virtualmachineinstancepresets", "virtualmachineinstancemigrations"] {
-            cluster
-                .kubectl(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}.ferrovirt.io")])
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        // The node advertises /dev/kvm slots as the agent's device plugin will.
-        cluster
-            .kubectl(&[
-                "patch", "node", "localhost", "--subresource=status", "--type=json", "-p",
-                r#"[{"op":"add","path":"/status/capacity/devices.ferrovirt.io~1kvm","value":"110"}]"#,
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let busybox = PathBuf::from("/bin/busybox");
-        let image = OciImage::new(LAUNCHER_IMAGE)
-            .file(&busybox, "/bin/busybox")
-            .file(&busybox, "/bin/sh")
-            .file(&busybox, "/bin/sleep")
-            .dir("/tmp", 0o1777)
-            .entrypoint(&["/bin/sh", "-c", LAUNCHER_SCRIPT]);
-        cluster.load_image(&image).unwrap_or_else(|e| panic!("{e}"));
-        cluster
-    })
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    let cluster = CLUSTER.get_or_init(Cluster::from_env);
+    ferrovirt_k8s::install(cluster).unwrap_or_else(|e| panic!("{e}"));
+    cluster
 }
 
 fn namespace(prefix: &str) -> Namespace {
@@ -73,75 +31,9 @@ fn namespace(prefix: &str) -> Namespace {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A controller watching one namespace, under the controller's ServiceAccount.
-struct Controller {
-    process: GuardedProcess,
-    namespace: String,
-    _kubeconfig: ServiceAccountKubeconfig,
-    _dir: ScratchDir,
-}
-
-impl Controller {
-    fn start(ns: &Namespace, extra: &[&str]) -> Controller {
-        let binary = try_controller_binary().unwrap_or_else(|e| panic!("{e}"));
-        let kubeconfig = cluster()
-            .service_account_kubeconfig("ferrovirt", "ferrovirt-controller")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let dir = ScratchDir::new("controller").unwrap_or_else(|e| panic!("{e}"));
-        let mut cmd = Command::new(binary);
-        cmd.env("KUBECONFIG", kubeconfig.path())
-            .env("RUST_LOG", "info")
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--watch-namespace",
-                ns.name(),
-            ])
-            .args([
-                "--launcher-image",
-                LAUNCHER_IMAGE,
-                "--launcher-pull-policy",
-                "Never",
-            ])
-            .args([
-                "--lease-namespace",
-                "ferrovirt",
-                "--lease-name",
-                &format!("lease-{}", ns.name()),
-            ])
-            .args(["--lease-duration", "4", "--lease-grace", "1"])
-            .args(extra);
-        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Controller {
-            process,
-            namespace: ns.name().to_owned(),
-            _kubeconfig: kubeconfig,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Controller {
-    /// Deletes the namespace's VMs, VMIs and migrations while the controller still runs, so
-    /// that their finalizers are released and the namespace can go.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("controller stderr:\n{}", self.process.stderr());
-        }
-        if self.process.try_exit().ok().flatten().is_none() {
-            let _ = cluster().kubectl(&[
-                "-n",
-                &self.namespace,
-                "delete",
-                "vm,vmi,vmim",
-                "--all",
-                "--wait=true",
-                "--timeout=60s",
-            ]);
-        }
-    }
+/// A controller watching `ns` only (tests run in parallel, each with its own).
+fn controller(ns: &Namespace, extra: &[&str]) -> ControllerProcess {
+    ControllerProcess::start(ns, extra).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn get(ns: &Namespace, args: &[&str]) -> Option<Value> {
@@ -229,7 +121,7 @@ fn uid(v: &Value) -> String {
 #[test]
 fn always_vm_gets_a_vmi_and_a_launcher_pod_and_fvctl_stops_and_starts_it() {
     let ns = namespace("ctl-always");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml("web", "Always", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     let vmi = wait_json(&ns, "vmi", "web", "VMI web Scheduled", |v| {
@@ -330,7 +222,7 @@ fn always_vm_gets_a_vmi_and_a_launcher_pod_and_fvctl_stops_and_starts_it() {
 #[test]
 fn rerun_on_failure_restarts_a_failed_vmi_and_once_does_not() {
     let ns = namespace("ctl-rerun");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml("rerun-fail", "RerunOnFailure", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     ns.apply(&vm_yaml("once-fail", "Once", ""))
@@ -380,7 +272,7 @@ fn rerun_on_failure_restarts_a_failed_vmi_and_once_does_not() {
 #[test]
 fn presets_apply_once_and_conflicts_are_reported() {
     let ns = namespace("ctl-preset");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(
         r#"apiVersion: ferrovirt.io/v1alpha1
 kind: VirtualMachineInstancePreset
@@ -585,7 +477,7 @@ fn kubectl_explain_prints_the_field_descriptions() {
 #[test]
 fn an_unschedulable_vmi_reports_the_schedulers_reason() {
     let ns = namespace("ctl-unsched");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml(
         "nowhere",
         "Always",
@@ -607,7 +499,7 @@ fn an_unschedulable_vmi_reports_the_schedulers_reason() {
 #[test]
 fn deleting_a_vm_stops_its_vmi_and_pod_before_it_goes() {
     let ns = namespace("ctl-delete");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml("gone", "Always", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     wait_json(&ns, "vmi", "gone", "Scheduled", |v| {
@@ -632,14 +524,14 @@ fn deleting_a_vm_stops_its_vmi_and_pod_before_it_goes() {
 #[test]
 fn a_killed_controller_restarts_without_losing_or_duplicating_anything() {
     let ns = namespace("ctl-restart");
-    let mut c = Controller::start(&ns, &["--no-leader-elect"]);
+    let mut c = controller(&ns, &["--no-leader-elect"]);
     for i in 0..5 {
         ns.apply(&vm_yaml(&format!("r{i}"), "Always", ""))
             .unwrap_or_else(|e| panic!("{e}"));
     }
     std::thread::sleep(Duration::from_millis(800));
     c.process.kill().unwrap_or_else(|e| panic!("{e}"));
-    let c2 = Controller::start(&ns, &["--no-leader-elect"]);
+    let c2 = controller(&ns, &["--no-leader-elect"]);
     for i in 0..5 {
         wait_json(&ns, "vmi", &format!("r{i}"), "Scheduled", |v| {
             str_at(v, "/status/phase") == "Scheduled"
@@ -656,7 +548,7 @@ fn a_killed_controller_restarts_without_losing_or_duplicating_anything() {
 fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     let ns = namespace("ctl-leader");
     let lease = format!("lease-{}", ns.name());
-    let mut a = Controller::start(&ns, &["--identity", "replica-a"]);
+    let mut a = controller(&ns, &["--identity", "replica-a"]);
     let holder = |c: &Cluster| {
         c.get_json(&["-n", "ferrovirt", "lease", &lease])
             .ok()
@@ -667,7 +559,7 @@ fn two_replicas_elect_one_leader_and_the_other_takes_over() {
         other => Err(format!("{other:?}")),
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let _b = Controller::start(&ns, &["--identity", "replica-b"]);
+    let _b = controller(&ns, &["--identity", "replica-b"]);
     ns.apply(&vm_yaml("led", "Always", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     wait_json(&ns, "vmi", "led", "Scheduled", |v| {
@@ -729,7 +621,7 @@ fn the_controllers_service_account_can_do_its_job_and_no_more() {
 #[test]
 fn a_migration_that_cannot_proceed_fails_with_a_reason() {
     let ns = namespace("ctl-migrate");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml("mover", "Always", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     wait_json(&ns, "vmi", "mover", "Scheduled", |v| {
@@ -777,7 +669,7 @@ fn a_migration_that_cannot_proceed_fails_with_a_reason() {
 #[test]
 fn fvctl_console_reaches_the_launchers_terminal_through_the_api_server() {
     let ns = namespace("ctl-console");
-    let _c = Controller::start(&ns, &["--no-leader-elect"]);
+    let _c = controller(&ns, &["--no-leader-elect"]);
     ns.apply(&vm_yaml("talk", "Always", ""))
         .unwrap_or_else(|e| panic!("{e}"));
     wait_json(&ns, "vmi", "talk", "Scheduled", |v| {

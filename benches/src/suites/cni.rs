@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{RunConfig, Suite};
 use crate::report::SuiteReport;
-use crate::stats::{Better, Goal, Samples, Side, round_order};
+use crate::stats::{Better, Goal, Samples, Side, percentile, round_order};
 
 pub const SUITE: Suite = Suite {
     name: "cni",
@@ -141,17 +141,6 @@ impl Setup {
     }
 }
 
-/// The nearest-rank percentile `p` (0..=1) of `values`.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     let setup = Setup::discover()?;
     let netns = NetNs::create("cnib")?;
@@ -214,18 +203,4 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                 .to_string(),
         ],
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&values, 0.5), 50.0);
-        assert_eq!(percentile(&values, 0.99), 99.0);
-        assert_eq!(percentile(&[3.0], 0.99), 3.0);
-        assert!(percentile(&[], 0.5).is_nan());
-    }
 }
