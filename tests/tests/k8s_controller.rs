@@ -455,19 +455,30 @@ fn a_kubevirt_manifest_is_accepted_after_changing_only_its_api_version() {
 
 #[test]
 fn kubectl_explain_prints_the_field_descriptions() {
-    let _ = cluster();
-    let out = cluster()
-        .kubectl(&["explain", "vm.spec.template.spec.domain.devices.disks"])
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.contains("Disks, each backed by the volume of the same name"),
-        "{out}"
+    // The API server publishes a new CRD's OpenAPI a moment after it is established.
+    let explain = |field: &str, want: &str| {
+        wait_for(&format!("kubectl explain {field}"), WAIT, || {
+            let out = cluster()
+                .kubectl(&["explain", field])
+                .map_err(|e| e.to_string())?;
+            if out.contains(want) {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let out = explain(
+        "vm.spec.template.spec.domain.devices.disks",
+        "Disks, each backed by the volume of the same name",
     );
     assert!(out.contains("bootOrder"), "{out}");
-    let out = cluster()
-        .kubectl(&["explain", "vmi.status.phase"])
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.contains("Where the VMI is in its lifecycle"), "{out}");
+    explain("vmi.status.nodeName", "The node the VMI runs on");
+    explain(
+        "vm.spec.runStrategy",
+        "When the controller runs a VMI for a VM",
+    );
     let all = cluster()
         .kubectl(&["api-resources", "--categories=ferrovirt", "-o", "name"])
         .unwrap_or_else(|e| panic!("{e}"));
