@@ -232,6 +232,17 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Every metric's summary, or an error naming the first metric without samples on a side.
+pub fn summarize_all(metrics: &[Samples], peer_name: &str) -> anyhow::Result<Vec<Summary>> {
+    metrics
+        .iter()
+        .map(|s| {
+            s.summarize(peer_name)
+                .ok_or_else(|| anyhow::anyhow!("metric {} has no samples", s.name))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{RunConfig, Suite};
 use crate::report::SuiteReport;
-use crate::stats::{Better, Goal, Samples, Side, percentile, round_order};
+use crate::stats::{Better, Goal, Samples, Side, percentile, round_order, summarize_all};
 
 pub const SUITE: Suite = Suite {
     name: "cni",
@@ -168,13 +168,7 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         eprintln!("cni: round {}/{} done", round + 1, config.rounds);
     }
     let peer_name = "Debian containernetworking-plugins bridge + host-local".to_string();
-    let rows = [p50, p99, add, del]
-        .iter()
-        .map(|s| {
-            s.summarize(&peer_name)
-                .with_context(|| format!("metric {} has no samples", s.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rows = summarize_all(&[p50, p99, add, del], &peer_name)?;
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name,

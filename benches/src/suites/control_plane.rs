@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::{RunConfig, Suite};
 use crate::report::SuiteReport;
-use crate::stats::{Better, Goal, Samples, Side, percentile, round_order};
+use crate::stats::{Better, Goal, Samples, Side, percentile, round_order, summarize_all};
 
 pub const SUITE: Suite = Suite {
     name: "control-plane",
@@ -294,13 +294,7 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         eprintln!("control-plane: round {}/{} done", round + 1, config.rounds);
     }
     let peer_name = "plain pods of the same image (creation → Ready)".to_string();
-    let rows = [p50, p95, cpu, rss, requests]
-        .iter()
-        .map(|s| {
-            s.summarize(&peer_name)
-                .with_context(|| format!("metric {} has no samples", s.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rows = summarize_all(&[p50, p95, cpu, rss, requests], &peer_name)?;
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name,
