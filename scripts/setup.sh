@@ -23,8 +23,13 @@ set -euo pipefail
 #   iperf3           bounded TCP runs through the eBPF datapath (ebpf namespace tests, datapath bench)
 #   containernetworking-plugins  Debian's reference CNI plugins (host-local IPAM, tuning) in
 #                    /usr/lib/cni, run beside ferrovirt-cni in its chaining and IPAM tests
+#                    (also the pod network of the test Kubernetes: bridge, host-local, loopback)
+#   containerd, runc the test Kubernetes' node (tests/k8s/cluster.sh runs its own containerd;
+#                    the package's system service is not used)
+#   openssl          the test Kubernetes' CA, certificates and service-account keys
+#   busybox-static   a static /bin/busybox, put into test images of the k8s tests (sh, sleep, ip)
 # Later suites add theirs here (qemu-utils for blk images).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3 containernetworking-plugins)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3 containernetworking-plugins containerd runc openssl busybox-static)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -69,6 +74,13 @@ if command -v rustup >/dev/null; then
             rustup component add "$component" || die "cannot add rustup component $component"
         fi
     done
+fi
+
+# Go builds the test Kubernetes (tests/k8s/build.sh) from the Go module proxy.
+command -v go >/dev/null || die "go not found: install Go >= 1.24 (tests/k8s/build.sh builds the test Kubernetes with it)"
+go_version=$(go env GOVERSION | sed 's/^go//')
+if [ "$(printf '%s\n' 1.24 "$go_version" | sort -V | head -n1)" != 1.24 ]; then
+    die "go $go_version is older than 1.24: k8s.io/kubernetes v1.34 needs Go >= 1.24"
 fi
 
 # KVM: the VMM and the QEMU peer need /dev/kvm read-write.

@@ -35,4 +35,18 @@ cargo build --release -p ferrovirt-runtime --bin ferrovirt-vmm
 step "cargo test"
 cargo test --workspace
 
+# Tests against a real Kubernetes (tests/k8s/README.md): its binaries are built once into a
+# cache outside the tree; cluster.sh starts a one-node cluster around the test binaries and
+# removes it afterwards, also when they fail. Add a suite that needs the cluster here (a
+# [[test]] of ferrovirt-tests with required-features = ["k8s"]).
+K8S_TESTS=(k8s_harness k8s_controller)
+step "build the test Kubernetes"
+tests/k8s/build.sh
+step "cargo clippy (k8s tests)"
+cargo clippy -p ferrovirt-tests --all-targets --features k8s -- -D warnings
+step "tests on the test Kubernetes: ${K8S_TESTS[*]}"
+k8s_test_args=()
+for suite in "${K8S_TESTS[@]}"; do k8s_test_args+=(--test "$suite"); done
+tests/k8s/cluster.sh run -- cargo test -p ferrovirt-tests --features k8s "${k8s_test_args[@]}"
+
 step "all checks passed"

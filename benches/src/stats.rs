@@ -221,9 +221,40 @@ impl Goal {
     }
 }
 
+/// The nearest-rank percentile `p` (0..=1) of `values`.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Every metric's summary, or an error naming the first metric without samples on a side.
+pub fn summarize_all(metrics: &[Samples], peer_name: &str) -> anyhow::Result<Vec<Summary>> {
+    metrics
+        .iter()
+        .map(|s| {
+            s.summarize(peer_name)
+                .ok_or_else(|| anyhow::anyhow!("metric {} has no samples", s.name))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.5), 50.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&[3.0], 0.99), 3.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

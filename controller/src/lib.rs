@@ -1,1 +1,13 @@
-//! Kubernetes CRDs, the cluster controller, the node agent and fvctl (see issues: controller, node).
+//! ferrovirt's cluster side: the CRDs, the controller that turns VirtualMachines into
+//! VirtualMachineInstances and launcher pods, and the library behind `fvctl`.
+
+pub mod cli;
+pub mod controllers;
+pub mod crd;
+pub mod fvctl;
+pub mod launcher;
+pub mod leader;
+pub mod metrics;
+pub mod quantity;
+pub mod run;
+pub mod server;

@@ -119,6 +119,35 @@ pub fn try_cni_binary() -> Result<PathBuf, ArtifactError> {
     .clone()
 }
 
+/// Returns the cluster controller: `$FERROVIRT_CONTROLLER` if set, else a release build made
+/// once per process.
+pub fn try_controller_binary() -> Result<PathBuf, ArtifactError> {
+    static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_release_binary(
+            "FERROVIRT_CONTROLLER",
+            "ferrovirt-controller",
+            "ferrovirt-controller",
+            "controller",
+        )
+    })
+    .clone()
+}
+
+/// Returns fvctl: `$FERROVIRT_FVCTL` if set, else a release build made once per process.
+pub fn try_fvctl_binary() -> Result<PathBuf, ArtifactError> {
+    static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_release_binary(
+            "FERROVIRT_FVCTL",
+            "ferrovirt-controller",
+            "fvctl",
+            "controller",
+        )
+    })
+    .clone()
+}
+
 fn build_testguest() -> Result<PathBuf, ArtifactError> {
     if let Some(path) = override_path(TESTGUEST_ENV)? {
         return Ok(path);

@@ -5,9 +5,11 @@
 pub mod artifacts;
 pub mod blk_pattern;
 pub mod bzimage;
+pub mod ferrovirt_k8s;
 pub mod frames;
 pub mod http;
 pub mod iperf3;
+pub mod k8s;
 pub mod kernel;
 pub mod names;
 pub mod netns_topology;
@@ -23,8 +25,9 @@ pub mod vmm;
 pub mod xdp_live_frames;
 
 pub use artifacts::{
-    repo_root, testguest, try_cni_binary, try_testguest, try_vhost_blk_binary,
-    try_vhost_net_binary, try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
+    repo_root, testguest, try_cni_binary, try_controller_binary, try_fvctl_binary, try_testguest,
+    try_vhost_blk_binary, try_vhost_net_binary, try_vmm_binary, vhost_blk_binary, vhost_net_binary,
+    vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{BpfPinDir, CleanupGuard, Link, NetNs, Tap, link_exists, unique_name};

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{RunConfig, Suite};
 use crate::report::SuiteReport;
-use crate::stats::{Better, Goal, Samples, Side, round_order};
+use crate::stats::{Better, Goal, Samples, Side, percentile, round_order, summarize_all};
 
 pub const SUITE: Suite = Suite {
     name: "cni",
@@ -141,17 +141,6 @@ impl Setup {
     }
 }
 
-/// The nearest-rank percentile `p` (0..=1) of `values`.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     let setup = Setup::discover()?;
     let netns = NetNs::create("cnib")?;
@@ -179,13 +168,7 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         eprintln!("cni: round {}/{} done", round + 1, config.rounds);
     }
     let peer_name = "Debian containernetworking-plugins bridge + host-local".to_string();
-    let rows = [p50, p99, add, del]
-        .iter()
-        .map(|s| {
-            s.summarize(&peer_name)
-                .with_context(|| format!("metric {} has no samples", s.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rows = summarize_all(&[p50, p99, add, del], &peer_name)?;
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name,
@@ -214,18 +197,4 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                 .to_string(),
         ],
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&values, 0.5), 50.0);
-        assert_eq!(percentile(&values, 0.99), 99.0);
-        assert_eq!(percentile(&[3.0], 0.99), 3.0);
-        assert!(percentile(&[], 0.5).is_nan());
-    }
 }

@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod cni;
+pub mod control_plane;
 pub mod datapath;
 pub mod net;
 pub mod vmm_startup;
@@ -31,6 +32,7 @@ pub const SUITES: &[Suite] = &[
     net::SUITE,
     datapath::SUITE,
     cni::SUITE,
+    control_plane::SUITE,
 ];
 
 /// The suite called `name`.

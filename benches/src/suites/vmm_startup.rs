@@ -25,7 +25,7 @@ use ferrovirt_tests::{GuardedProcess, ProcessExit, ScratchDir};
 use super::{RunConfig, Suite};
 use crate::cpu::CpuCgroup;
 use crate::report::SuiteReport;
-use crate::stats::{Better, Goal, Samples, Side, round_order};
+use crate::stats::{Better, Goal, Samples, Side, round_order, summarize_all};
 
 pub const SUITE: Suite = Suite {
     name: "vmm-startup",
@@ -114,15 +114,12 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         }
         eprintln!("vmm-startup: round {}/{} done", round + 1, config.rounds);
     }
-    let rows = [
-        api, api_paused, first, entry_cpu, wall, cpu, rss, overhead, private,
-    ]
-    .iter()
-    .map(|s| {
-        s.summarize(&setup.peer_name)
-            .with_context(|| format!("metric {} has no samples", s.name))
-    })
-    .collect::<anyhow::Result<Vec<_>>>()?;
+    let rows = summarize_all(
+        &[
+            api, api_paused, first, entry_cpu, wall, cpu, rss, overhead, private,
+        ],
+        &setup.peer_name,
+    )?;
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name: setup.peer_name.clone(),

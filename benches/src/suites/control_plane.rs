@@ -1,0 +1,315 @@
+//! Suite `control-plane`: 100 VMIs created 100 ms apart on the test Kubernetes, creation →
+//! Scheduled (the launcher pod runs on the node), against plain pods of the same image created
+//! the same way (creation → Ready: the floor kubelet and containerd set here). Also the
+//! controller's CPU seconds, peak RSS and API requests per VMI.
+//!
+//! Run inside the harness: `tests/k8s/cluster.sh run -- cargo run --release -p ferrovirt-benches -- control-plane`.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use ferrovirt_tests::ScratchDir;
+use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, LAUNCHER_IMAGE};
+use ferrovirt_tests::k8s::{Cluster, Namespace};
+use serde_json::Value;
+
+use super::{RunConfig, Suite};
+use crate::report::SuiteReport;
+use crate::stats::{Better, Goal, Samples, Side, percentile, round_order, summarize_all};
+
+pub const SUITE: Suite = Suite {
+    name: "control-plane",
+    about: "100 VMIs 100 ms apart: creation → Scheduled vs plain pods' creation → Ready (needs tests/k8s)",
+    run,
+};
+
+const OBJECTS: usize = 100;
+const SPACING: Duration = Duration::from_millis(100);
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn vmi_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachineInstance\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  domain: {{memory: {{guest: 16Mi}}}}\n"
+    )
+}
+
+/// A plain pod as close to a launcher pod as the peer allows: same image, same restart policy.
+fn pod_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 15\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n  - name: compute\n    image: {LAUNCHER_IMAGE}\n    imagePullPolicy: Never\n    stdin: true\n    tty: true\n    env: [{{name: FERROVIRT_VMI_NAME, value: {name}}}]\n    resources: {{requests: {{memory: 50Mi, cpu: 100m}}}}\n"
+    )
+}
+
+/// Watches `kind` in `ns` and sends (name, when) the first time `done` holds for an object.
+fn watch(
+    cluster: &Cluster,
+    ns: &str,
+    kind: &str,
+    done: fn(&Value) -> bool,
+) -> anyhow::Result<(Child, mpsc::Receiver<(String, Instant)>)> {
+    let mut child = Command::new(cluster.binary("kubectl"))
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .args([
+            "-n",
+            ns,
+            "get",
+            kind,
+            "--watch",
+            "-o",
+            "json",
+            "--output-watch-events",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("kubectl get --watch")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = std::collections::HashSet::new();
+        for event in
+            serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>()
+        {
+            let Ok(event) = event else { break };
+            let object = &event["object"];
+            let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            if done(object) && seen.insert(name.clone()) && tx.send((name, Instant::now())).is_err()
+            {
+                break;
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+fn vmi_scheduled(v: &Value) -> bool {
+    matches!(v["status"]["phase"].as_str(), Some("Scheduled" | "Running"))
+}
+
+fn pod_ready(v: &Value) -> bool {
+    v["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// Creates `OBJECTS` objects `SPACING` apart (each a `kubectl create` of its own, not waited
+/// for) and returns creation → done latencies in seconds.
+fn create_and_time(
+    cluster: &Cluster,
+    ns: &Namespace,
+    kind: &str,
+    yaml: fn(&str) -> String,
+    done: fn(&Value) -> bool,
+) -> anyhow::Result<Vec<f64>> {
+    let scratch = ScratchDir::new("cp-bench")?;
+    let (mut watcher, events) = watch(cluster, ns.name(), kind, done)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut created: HashMap<String, Instant> = HashMap::new();
+    let mut creators = Vec::new();
+    let start = Instant::now();
+    for i in 0..OBJECTS {
+        let name = format!("o{i:03}");
+        let file = scratch.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml(&name))?;
+        let due = start + SPACING * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        created.insert(name, Instant::now());
+        creators.push(
+            Command::new(cluster.binary("kubectl"))
+                .env("KUBECONFIG", cluster.kubeconfig())
+                .args(["-n", ns.name(), "create", "-f"])
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+    }
+    for c in creators {
+        let out = c.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let mut latencies = Vec::new();
+    while latencies.len() < OBJECTS {
+        let left = DEADLINE.checked_sub(start.elapsed()).ok_or_else(|| {
+            anyhow!(
+                "{} of {OBJECTS} {kind} done after {DEADLINE:?}",
+                latencies.len()
+            )
+        })?;
+        let (name, at) = events.recv_timeout(left).map_err(|_| {
+            anyhow!(
+                "{} of {OBJECTS} {kind} done after {DEADLINE:?}",
+                latencies.len()
+            )
+        })?;
+        if let Some(t0) = created.get(&name) {
+            latencies.push(at.duration_since(*t0).as_secs_f64());
+        }
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    Ok(latencies)
+}
+
+/// CPU seconds (user + system) of `pid` so far.
+fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the comm field: state is index 0, utime 11, stime 12.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11) + ticks(12)) / hz)
+}
+
+/// Peak RSS of `pid` in MiB (VmHWM).
+fn peak_rss_mib(pid: i32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no VmHWM for pid {pid}"))?;
+    Ok(kib / 1024.0)
+}
+
+/// The value of the metric `name` (no labels) on the controller's /metrics.
+fn scrape(port: u16, name: &str) -> anyhow::Result<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
+        .ok_or_else(|| anyhow!("{name} not on /metrics"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct FerrovirtRun {
+    latencies: Vec<f64>,
+    cpu_s: f64,
+    rss_mib: f64,
+    requests_per_vmi: f64,
+}
+
+fn ferrovirt_round(cluster: &Cluster) -> anyhow::Result<FerrovirtRun> {
+    let ns = cluster.namespace("cpb-vmi")?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let controller = ControllerProcess::start(&ns, &["--no-leader-elect", "--listen", &listen])
+        .map_err(|e| anyhow!(e))?;
+    let pid = controller.process.pid();
+    let ready = Instant::now();
+    while scrape(port, "ferrovirt_controller_api_requests_total").is_err() {
+        if ready.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the controller did not serve /metrics: {}",
+                controller.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = cpu_seconds(pid)?;
+    let req0 = scrape(port, "ferrovirt_controller_api_requests_total")?;
+    let latencies = create_and_time(cluster, &ns, "vmi", vmi_yaml, vmi_scheduled)?;
+    let cpu_s = cpu_seconds(pid)? - cpu0;
+    let requests = scrape(port, "ferrovirt_controller_api_requests_total")? - req0;
+    let rss_mib = peak_rss_mib(pid)?;
+    drop(controller);
+    drop(ns);
+    Ok(FerrovirtRun {
+        latencies,
+        cpu_s,
+        rss_mib,
+        requests_per_vmi: requests / OBJECTS as f64,
+    })
+}
+
+fn peer_round(cluster: &Cluster) -> anyhow::Result<Vec<f64>> {
+    let ns = cluster.namespace("cpb-pod")?;
+    let latencies = create_and_time(cluster, &ns, "pods", pod_yaml, pod_ready)?;
+    drop(ns);
+    Ok(latencies)
+}
+
+fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
+    let cluster = Cluster::try_from_env()
+        .map_err(|e| anyhow!("{e}: run `tests/k8s/cluster.sh run -- cargo run --release -p ferrovirt-benches -- control-plane`"))?;
+    ferrovirt_k8s::install(&cluster)?;
+    let mut p50 = Samples::new("scheduled-p50", "s", Better::Lower);
+    let mut p95 = Samples::new("scheduled-p95", "s", Better::Lower);
+    let mut cpu = Samples::new("controller-cpu-s", "s", Better::Lower);
+    let mut rss = Samples::new("controller-rss-mib", "MiB", Better::Lower);
+    let mut requests = Samples::new("api-requests-per-vmi", "requests", Better::Lower);
+    for round in 0..config.rounds {
+        for side in round_order(round) {
+            let latencies = match side {
+                Side::Ferrovirt => {
+                    let r = ferrovirt_round(&cluster).context("ferrovirt round")?;
+                    cpu.push(side, r.cpu_s);
+                    rss.push(side, r.rss_mib);
+                    requests.push(side, r.requests_per_vmi);
+                    // No controller on the peer side: nothing to compare with, the ratio is null.
+                    for s in [&mut cpu, &mut rss, &mut requests] {
+                        s.push(Side::Peer, 0.0);
+                    }
+                    r.latencies
+                }
+                Side::Peer => peer_round(&cluster).context("peer round")?,
+            };
+            p50.push(side, percentile(&latencies, 0.5));
+            p95.push(side, percentile(&latencies, 0.95));
+        }
+        eprintln!("control-plane: round {}/{} done", round + 1, config.rounds);
+    }
+    let peer_name = "plain pods of the same image (creation → Ready)".to_string();
+    let rows = summarize_all(&[p50, p95, cpu, rss, requests], &peer_name)?;
+    Ok(SuiteReport {
+        suite: SUITE.name.to_string(),
+        peer_name,
+        rounds: config.rounds,
+        rows,
+        goals: vec![
+            Goal::ratio_at_most("scheduled-p50", 1.1, "controller overhead ≤ 10 % of the plain-pod time (P50)"),
+            Goal::ratio_at_most("scheduled-p95", 1.1, "controller overhead ≤ 10 % of the plain-pod time (P95)"),
+        ],
+        notes: vec![
+            format!("{OBJECTS} objects per side per round, one `kubectl create` each, started {} ms apart; times from the create's start to the watch event that shows the state (client clock)", SPACING.as_millis()),
+            "ferrovirt: VirtualMachineInstance creation → status.phase Scheduled (its launcher pod runs on the node; the launcher is a busybox stand-in until the node issue's VMM launcher); the controller runs as its ServiceAccount with leader election off".into(),
+            "peer: Pod creation → Ready condition, the same image, restart policy and terminal; the floor that the scheduler, kubelet and containerd set on this one-node harness".into(),
+            "controller-cpu-s, controller-rss-mib, api-requests-per-vmi: the controller process over the ferrovirt side of a round (CPU from /proc/PID/stat, VmHWM, its client's request counter on /metrics); the peer has no controller, so its column is 0 and the ratio null".into(),
+            "anchor: KubeVirt's sig-performance 100-VMI lane reports creation → Running P95 of about 20–30 s".into(),
+        ],
+    })
+}

@@ -1,0 +1,156 @@
+//! ferrovirt on the test Kubernetes, for the controller's tests and the `control-plane` bench:
+//! its CRDs and RBAC installed, the node advertising `/dev/kvm` slots as the agent's device
+//! plugin will, a stand-in launcher image, and a controller process under its own
+//! ServiceAccount that releases its VMs' finalizers before it stops.
+//!
+//! Until the node issue's launcher exists, launcher pods run a busybox stand-in whose behaviour
+//! follows the VMI's name: `*fail*` exits 3 after 2 s, `*done*` exits 0 after 2 s, anything else
+//! runs until SIGTERM and echoes console input as `console: LINE`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
+use crate::{GuardedProcess, ScratchDir, repo_root, try_controller_binary};
+
+/// The stand-in launcher image.
+pub const LAUNCHER_IMAGE: &str = "ferrovirt.io/test-launcher:test";
+const LAUNCHER_SCRIPT: &str = r#"case "$FERROVIRT_VMI_NAME" in
+  *fail*) sleep 2; exit 3;;
+  *done*) sleep 2; exit 0;;
+esac
+trap 'exit 0' TERM INT
+while true; do
+  if read -t 1 line; then echo "console: $line"; fi
+done"#;
+/// The CRDs' names.
+pub const CRDS: [&str; 4] = [
+    "virtualmachines",
+    "virtualmachineinstances",
+    "virtualmachineinstancepresets",
+    "virtualmachineinstancemigrations",
+];
+
+/// Installs ferrovirt's cluster side once per process (`deploy/`: CRDs, namespace, RBAC), makes
+/// the node advertise 110 `devices.ferrovirt.io/kvm` and loads the stand-in launcher image.
+pub fn install(cluster: &Cluster) -> Result<(), K8sError> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let done = DONE.get_or_init(|| install_once(cluster).map_err(|e| e.to_string()));
+    done.clone().map_err(|last| K8sError::Timeout {
+        what: "ferrovirt's installation".into(),
+        timeout: std::time::Duration::ZERO,
+        last,
+    })
+}
+
+fn install_once(cluster: &Cluster) -> Result<(), K8sError> {
+    let deploy = repo_root().join("deploy");
+    for file in [
+        "crds",
+        "namespace.yaml",
+        "rbac-controller.yaml",
+        "rbac-agent.yaml",
+    ] {
+        let path = deploy.join(file).display().to_string();
+        cluster.kubectl(&["apply", "--server-side", "-f", &path])?;
+    }
+    for crd in CRDS {
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}.ferrovirt.io"),
+        ])?;
+    }
+    cluster.kubectl(&[
+        "patch",
+        "node",
+        "localhost",
+        "--subresource=status",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/status/capacity/devices.ferrovirt.io~1kvm","value":"110"}]"#,
+    ])?;
+    let busybox = Path::new("/bin/busybox");
+    let image = OciImage::new(LAUNCHER_IMAGE)
+        .file(busybox, "/bin/busybox")
+        .file(busybox, "/bin/sh")
+        .file(busybox, "/bin/sleep")
+        .dir("/tmp", 0o1777)
+        .entrypoint(&["/bin/sh", "-c", LAUNCHER_SCRIPT]);
+    cluster.load_image(&image)
+}
+
+/// A `ferrovirt-controller run` watching one namespace, as ServiceAccount
+/// `ferrovirt/ferrovirt-controller`, with the stand-in launcher image.
+pub struct ControllerProcess {
+    pub process: GuardedProcess,
+    cluster: Cluster,
+    namespace: String,
+    _kubeconfig: ServiceAccountKubeconfig,
+    dir: ScratchDir,
+}
+
+impl ControllerProcess {
+    /// Starts it; `extra` flags are appended (`--no-leader-elect`, `--identity`, `--listen`, ...).
+    pub fn start(ns: &Namespace, extra: &[&str]) -> Result<ControllerProcess, String> {
+        let cluster = ns.cluster().clone();
+        let binary: PathBuf = try_controller_binary().map_err(|e| e.to_string())?;
+        let kubeconfig = cluster
+            .service_account_kubeconfig("ferrovirt", "ferrovirt-controller")
+            .map_err(|e| e.to_string())?;
+        let dir = ScratchDir::new("controller").map_err(|e| e.to_string())?;
+        let lease = format!("lease-{}", ns.name());
+        let mut cmd = Command::new(binary);
+        cmd.env("KUBECONFIG", kubeconfig.path())
+            .args(["run", "--watch-namespace", ns.name()])
+            .args([
+                "--launcher-image",
+                LAUNCHER_IMAGE,
+                "--launcher-pull-policy",
+                "Never",
+            ])
+            .args(["--lease-namespace", "ferrovirt", "--lease-name", &lease])
+            .args(["--lease-duration", "4", "--lease-grace", "1"]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra);
+        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))
+            .map_err(|e| e.to_string())?;
+        Ok(ControllerProcess {
+            process,
+            cluster,
+            namespace: ns.name().to_owned(),
+            _kubeconfig: kubeconfig,
+            dir,
+        })
+    }
+
+    /// Its log so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    /// Deletes the namespace's VMs, VMIs and migrations while the controller still runs, so
+    /// that their finalizers are released and the namespace can go.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("controller stderr:\n{}", self.stderr());
+        }
+        if self.process.try_exit().ok().flatten().is_none() {
+            let _ = self.cluster.kubectl(&[
+                "-n",
+                &self.namespace,
+                "delete",
+                "vm,vmi,vmim",
+                "--all",
+                "--wait=true",
+                "--timeout=90s",
+            ]);
+        }
+    }
+}
