@@ -726,3 +726,41 @@ fn fvctl_console_reaches_the_launchers_terminal_through_the_api_server() {
         "console output: {seen:?}"
     );
 }
+
+#[test]
+fn a_multus_network_without_its_definition_is_a_condition_not_a_pod() {
+    let ns = namespace("ctl-nad");
+    let _c = controller(&ns, &["--no-leader-elect"]);
+    ns.apply(
+        r#"apiVersion: ferrovirt.io/v1alpha1
+kind: VirtualMachineInstance
+metadata: {name: nad}
+spec:
+  terminationGracePeriodSeconds: 0
+  domain:
+    memory: {guest: 32Mi}
+    devices:
+      interfaces: [{name: fast, binding: {name: vhostuser}}]
+  networks: [{name: fast, multus: {networkName: vhost-net}}]
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let vmi = wait_json(&ns, "vmi", "nad", "Synchronized=False", |v| {
+        v["status"]["conditions"]
+            .to_string()
+            .contains("NetworkAttachmentDefinitionNotFound")
+    });
+    let conditions = vmi["status"]["conditions"].to_string();
+    assert!(
+        conditions.contains(&format!(
+            "NetworkAttachmentDefinition {}/vhost-net, which does not exist",
+            ns.name()
+        )),
+        "{conditions}"
+    );
+    assert_eq!(str_at(&vmi, "/status/phase"), "Pending");
+    assert!(
+        get(&ns, &["pod", "virt-launcher-nad"]).is_none(),
+        "a pod was made without its network"
+    );
+}
