@@ -32,16 +32,18 @@ const OBJECTS: usize = 100;
 const SPACING: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(600);
 
+/// A VMI whose launcher pod requests 10m CPU (100 must fit on a 2-core node) and 50 MiB.
 fn vmi_yaml(name: &str) -> String {
     format!(
-        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachineInstance\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  domain: {{memory: {{guest: 16Mi}}}}\n"
+        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachineInstance\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  domain: {{memory: {{guest: 16Mi}}, resources: {{requests: {{cpu: 10m}}}}}}\n"
     )
 }
 
-/// A plain pod as close to a launcher pod as the peer allows: same image, same restart policy.
+/// A plain pod as close to a launcher pod as the peer allows: same image, restart policy,
+/// terminal and requests (10m CPU each, so that 100 fit on a 2-core node).
 fn pod_yaml(name: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 15\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n  - name: compute\n    image: {LAUNCHER_IMAGE}\n    imagePullPolicy: Never\n    stdin: true\n    tty: true\n    env: [{{name: FERROVIRT_VMI_NAME, value: {name}}}]\n    resources: {{requests: {{memory: 50Mi, cpu: 100m}}}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 15\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n  - name: compute\n    image: {LAUNCHER_IMAGE}\n    imagePullPolicy: Never\n    stdin: true\n    tty: true\n    env: [{{name: FERROVIRT_VMI_NAME, value: {name}}}]\n    resources: {{requests: {{memory: 50Mi, cpu: 10m}}}}\n"
     )
 }
 
@@ -51,6 +53,7 @@ fn watch(
     ns: &str,
     kind: &str,
     done: fn(&Value) -> bool,
+    log: &std::path::Path,
 ) -> anyhow::Result<(Child, mpsc::Receiver<(String, Instant)>)> {
     let mut child = Command::new(cluster.binary("kubectl"))
         .env("KUBECONFIG", cluster.kubeconfig())
@@ -65,7 +68,7 @@ fn watch(
             "--output-watch-events",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
         .spawn()
         .context("kubectl get --watch")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -108,7 +111,8 @@ fn create_and_time(
     done: fn(&Value) -> bool,
 ) -> anyhow::Result<Vec<f64>> {
     let scratch = ScratchDir::new("cp-bench")?;
-    let (mut watcher, events) = watch(cluster, ns.name(), kind, done)?;
+    let watch_log = scratch.join("watch.stderr");
+    let (mut watcher, events) = watch(cluster, ns.name(), kind, done, &watch_log)?;
     std::thread::sleep(Duration::from_millis(500));
     let mut created: HashMap<String, Instant> = HashMap::new();
     let mut creators = Vec::new();
@@ -149,12 +153,20 @@ fn create_and_time(
                 latencies.len()
             )
         })?;
-        let (name, at) = events.recv_timeout(left).map_err(|_| {
-            anyhow!(
-                "{} of {OBJECTS} {kind} done after {DEADLINE:?}",
-                latencies.len()
-            )
-        })?;
+        let (name, at) = match events.recv_timeout(left) {
+            Ok(event) => event,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!(
+                    "{} of {OBJECTS} {kind} done after {DEADLINE:?}",
+                    latencies.len()
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!(
+                "the watch of {kind} ended after {} of {OBJECTS}: {}",
+                latencies.len(),
+                std::fs::read_to_string(&watch_log).unwrap_or_default()
+            ),
+        };
         if let Some(t0) = created.get(&name) {
             latencies.push(at.duration_since(*t0).as_secs_f64());
         }
