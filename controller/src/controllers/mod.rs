@@ -41,8 +41,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("cannot build the launcher pod: {0}")]
     Launcher(#[from] crate::launcher::Error),
-    #[error("cannot apply presets: {0}")]
-    Preset(String),
+    #[error("cannot build a JSON patch: {0}")]
+    Patch(String),
 }
 
 impl Error {
@@ -52,7 +52,7 @@ impl Error {
             Error::NoNamespace { .. } => "no_namespace",
             Error::Kube(_) => "kube",
             Error::Launcher(_) => "launcher",
-            Error::Preset(_) => "preset",
+            Error::Patch(_) => "patch",
         }
     }
 }
@@ -117,7 +117,7 @@ where
         json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
     };
     let patch: json_patch::Patch =
-        serde_json::from_value(patch).map_err(|e| Error::Preset(e.to_string()))?;
+        serde_json::from_value(patch).map_err(|e| Error::Patch(e.to_string()))?;
     api.patch(
         &obj.name_any(),
         &PatchParams::default(),
@@ -140,7 +140,7 @@ where
         {"op": "remove", "path": format!("/metadata/finalizers/{index}")}
     ]);
     let patch: json_patch::Patch =
-        serde_json::from_value(patch).map_err(|e| Error::Preset(e.to_string()))?;
+        serde_json::from_value(patch).map_err(|e| Error::Patch(e.to_string()))?;
     match api
         .patch(
             &obj.name_any(),
@@ -173,14 +173,6 @@ where
     )
     .await?;
     Ok(())
-}
-
-/// Gets `name` from `api`, `None` when it does not exist.
-pub async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    Ok(api.get_opt(name).await?)
 }
 
 /// `obj` as the API server has it now: the watch cache can lag behind the controller's own
