@@ -34,14 +34,13 @@ pub const CRDS: [&str; 4] = [
 
 /// Installs ferrovirt's cluster side once per process (`deploy/`: CRDs, namespace, RBAC), makes
 /// the node advertise 110 `devices.ferrovirt.io/kvm` and loads the stand-in launcher image.
-pub fn install(cluster: &Cluster) -> Result<(), K8sError> {
+pub fn install(cluster: &Cluster) -> Result<(), String> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let done = DONE.get_or_init(|| install_once(cluster).map_err(|e| e.to_string()));
-    done.clone().map_err(|last| K8sError::Timeout {
-        what: "ferrovirt's installation".into(),
-        timeout: std::time::Duration::ZERO,
-        last,
+    DONE.get_or_init(|| {
+        install_once(cluster)
+            .map_err(|e| format!("cannot install ferrovirt's CRDs, RBAC and launcher image: {e}"))
     })
+    .clone()
 }
 
 fn install_once(cluster: &Cluster) -> Result<(), K8sError> {

@@ -278,7 +278,7 @@ fn peer_round(cluster: &Cluster) -> anyhow::Result<Vec<f64>> {
 fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     let cluster = Cluster::try_from_env()
         .map_err(|e| anyhow!("{e}: run `tests/k8s/cluster.sh run -- cargo run --release -p ferrovirt-benches -- control-plane`"))?;
-    ferrovirt_k8s::install(&cluster)?;
+    ferrovirt_k8s::install(&cluster).map_err(anyhow::Error::msg)?;
     let mut p50 = Samples::new("scheduled-p50", "s", Better::Lower);
     let mut p95 = Samples::new("scheduled-p95", "s", Better::Lower);
     let mut cpu = Samples::new("controller-cpu-s", "s", Better::Lower);

@@ -18,7 +18,9 @@ use super::{
     Context, Error, apply_status, controlled_by, ensure_finalizer, measured, namespace,
     remove_finalizer,
 };
-use crate::crd::status::{Condition, ConditionStatus, PrintableStatus, VmiPhase, condition};
+use crate::crd::status::{
+    Condition, ConditionStatus, PrintableStatus, VmiPhase, condition, set_condition,
+};
 use crate::crd::vm::{RunStrategy, VirtualMachineStatus};
 use crate::crd::{VirtualMachine, VirtualMachineInstance};
 
@@ -324,25 +326,17 @@ fn strip_times(mut s: VirtualMachineStatus) -> VirtualMachineStatus {
     s
 }
 
-/// Stamps transition times on `new`'s conditions, keeping the old time where the status holds.
+/// Stamps transition times on `new`'s conditions through [`set_condition`], which keeps the old
+/// time where the status holds.
 fn with_times(
     mut new: VirtualMachineStatus,
     old: Option<&VirtualMachineStatus>,
 ) -> VirtualMachineStatus {
     let now = super::now();
-    let old = old.map(|s| s.conditions.clone()).unwrap_or_default();
-    let mut merged = Vec::new();
+    let mut merged = old.map(|s| s.conditions.clone()).unwrap_or_default();
+    merged.retain(|o| new.conditions.iter().any(|c| c.type_ == o.type_));
     for c in std::mem::take(&mut new.conditions) {
-        let keep = old
-            .iter()
-            .find(|o| o.type_ == c.type_ && o.status == c.status);
-        let time = keep
-            .and_then(|o| o.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        merged.push(Condition {
-            last_transition_time: Some(time),
-            ..c
-        });
+        set_condition(&mut merged, c, &now);
     }
     new.conditions = merged;
     new
