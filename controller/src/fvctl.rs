@@ -20,6 +20,7 @@ use crate::crd::{
     VirtualMachineInstanceMigration, VmiPhase,
 };
 use crate::launcher;
+use crate::node::standalone::{self, RunArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -125,6 +126,10 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Run a VirtualMachine manifest on this host with no cluster: its disk and NIC backends
+    /// and the VMM, the serial console on this terminal, until the guest ends or Ctrl-C; then
+    /// everything it made is removed. Exits with the VMM's status (see ferrovirt-vmm --help).
+    Run(RunArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -151,6 +156,15 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Run(args) = &cli.command {
+        return match runtime.block_on(standalone::run(args)) {
+            Ok(status) => ExitCode::from(status),
+            Err(e) => {
+                eprintln!("fvctl run: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -209,6 +223,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Restart { vm, no_wait } => s.restart(&vm, no_wait).await,
         Command::Console { vmi } => s.console(&vmi).await,
         Command::Migrate { vmi, no_wait } => s.migrate(&vmi, no_wait).await,
+        Command::Run(_) => unreachable!("fvctl run needs no cluster and is handled first"),
     }
 }
 

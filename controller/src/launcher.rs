@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::crd::VirtualMachineInstance;
 use crate::crd::spec::{HostDiskType, Volume};
+use crate::crd::vmi::VirtualMachineInstanceSpec;
 use crate::quantity;
 
 /// Label on launcher pods: the VMI's UID (always a valid label value, unlike long names).
@@ -78,7 +79,12 @@ pub fn pod_name(vmi_name: &str) -> String {
 
 /// Guest RAM in bytes: memory.guest, else resources.requests.memory.
 pub fn guest_memory(vmi: &VirtualMachineInstance) -> Result<u64, Error> {
-    let domain = &vmi.spec.domain;
+    spec_guest_memory(&vmi.spec)
+}
+
+/// Guest RAM in bytes of a VMI spec.
+pub fn spec_guest_memory(spec: &VirtualMachineInstanceSpec) -> Result<u64, Error> {
+    let domain = &spec.domain;
     let guest = domain
         .memory
         .as_ref()

@@ -8,6 +8,7 @@ pub mod fvctl;
 pub mod launcher;
 pub mod leader;
 pub mod metrics;
+pub mod node;
 pub mod quantity;
 pub mod run;
 pub mod server;

@@ -6,8 +6,14 @@ use clap::Parser;
 use ferrovirt_vhost_net::{BackendConfig, Flags, Server, TerminationSignals};
 
 fn main() -> ExitCode {
+    // FERROVIRT_LOG (error, warn, info, debug, trace) sets the level; info by default.
+    let level = std::env::var("FERROVIRT_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::level_filters::LevelFilter>().ok())
+        .unwrap_or(tracing::level_filters::LevelFilter::INFO);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_max_level(level)
         .init();
     let flags = Flags::parse();
     let result = TerminationSignals::block().and_then(|signals| {

@@ -95,6 +95,7 @@ pub fn merge(domain: &DomainSpec, preset: &DomainSpec) -> Result<DomainSpec, Str
         &preset.devices.autoattach_serial_console,
         "domain.devices.autoattachSerialConsole",
     )?;
+    merge_field(&mut out.firmware, &preset.firmware, "domain.firmware")?;
     Ok(out)
 }
 

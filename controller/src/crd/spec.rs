@@ -29,6 +29,52 @@ pub struct DomainSpec {
     /// Disks, network interfaces and other devices.
     #[serde(default)]
     pub devices: Devices,
+    /// What the guest boots: ferrovirt boots a kernel directly (no BIOS or UEFI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+}
+
+/// The guest's boot firmware; ferrovirt has direct kernel boot only.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Firmware {
+    /// Boot this kernel (and initrd) directly, with these arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_boot: Option<KernelBoot>,
+}
+
+/// Direct kernel boot.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelBoot {
+    /// The kernel command line (for example `console=ttyS0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub kernel_args: Option<String>,
+    /// Where the kernel and initrd files are.
+    pub container: KernelBootContainer,
+}
+
+/// The files of a direct kernel boot.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelBootContainer {
+    /// A container image holding kernelPath and initrdPath. Without one, the paths are files of
+    /// the launcher image (it ships the ferrovirt test guest as
+    /// /usr/share/ferrovirt/testguest) or, under `fvctl run`, of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+    /// The kernel: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
+    #[schemars(length(min = 1, max = 4096))]
+    pub kernel_path: String,
+    /// The initrd, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub initrd_path: Option<String>,
+    /// Always, Never or IfNotPresent, as for a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
 }
 
 /// vCPU topology; the guest gets sockets × cores × threads vCPUs.

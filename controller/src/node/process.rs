@@ -1,0 +1,246 @@
+//! Starting what a [`Plan`](super::plan::Plan) asks for: image files, backend processes, the
+//! VMM's command line; and stopping them.
+
+use std::fs::OpenOptions;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::plan::{DiskBackend, Image, NetBackend};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot find {0}: put it next to this program, in --bin-dir or on PATH (cargo build --release builds it)"
+    )]
+    NoBinary(&'static str),
+    #[error("disk image {0} does not exist; create it or use hostDisk type DiskOrCreate")]
+    MissingImage(PathBuf),
+    #[error("disk image {0} is not readable: {1}")]
+    Unreadable(PathBuf, #[source] std::io::Error),
+    #[error("cannot create disk image {0}: {1}")]
+    Create(PathBuf, #[source] std::io::Error),
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("{name} exited with {status} before listening on {socket}; its stderr says why")]
+    Exited {
+        name: String,
+        status: std::process::ExitStatus,
+        socket: PathBuf,
+    },
+    #[error("{name} did not listen on {socket} within {timeout:?}")]
+    NotListening {
+        name: String,
+        socket: PathBuf,
+        timeout: Duration,
+    },
+}
+
+/// The programs a node runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub vmm: PathBuf,
+    pub blk: PathBuf,
+    pub net: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the programs in `dir`, else next to the running program, else on PATH.
+    pub fn find(dir: Option<&Path>) -> Result<Binaries, Error> {
+        let own = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let find = |name: &'static str| {
+            let mut dirs: Vec<PathBuf> = dir.into_iter().map(Path::to_path_buf).collect();
+            dirs.extend(own.clone());
+            if let Some(path) = std::env::var_os("PATH") {
+                dirs.extend(std::env::split_paths(&path));
+            }
+            dirs.into_iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .ok_or(Error::NoBinary(name))
+        };
+        Ok(Binaries {
+            vmm: find("ferrovirt-vmm")?,
+            blk: find("ferrovirt-vhost-blk")?,
+            net: find("ferrovirt-vhost-net")?,
+        })
+    }
+}
+
+/// Makes sure `image` can be served: creates it sparse when asked to, else checks it is there.
+/// True when it was created.
+pub fn prepare_image(image: &Image) -> Result<bool, Error> {
+    match OpenOptions::new().read(true).open(&image.path) {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(size) = image.create_size else {
+                return Err(Error::MissingImage(image.path.clone()));
+            };
+            let create = |e| Error::Create(image.path.clone(), e);
+            if let Some(dir) = image.path.parent() {
+                std::fs::create_dir_all(dir).map_err(create)?;
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&image.path)
+                .map_err(create)?;
+            file.set_len(size).map_err(create)?;
+            Ok(true)
+        }
+        Err(e) => Err(Error::Unreadable(image.path.clone(), e)),
+    }
+}
+
+/// The `ferrovirt-vhost-blk` command for `disk`.
+pub fn blk_command(bin: &Binaries, disk: &DiskBackend) -> Command {
+    let mut cmd = Command::new(&bin.blk);
+    cmd.arg("--image")
+        .arg(&disk.image.path)
+        .arg("--socket")
+        .arg(&disk.socket)
+        .arg("--num-queues")
+        .arg(disk.num_queues.to_string());
+    if disk.image.read_only {
+        cmd.arg("--read-only");
+    }
+    if let Some(serial) = &disk.serial {
+        cmd.arg("--serial").arg(serial);
+    }
+    cmd
+}
+
+/// The `ferrovirt-vhost-net` command for `net`.
+pub fn net_command(bin: &Binaries, net: &NetBackend) -> Command {
+    let mut cmd = Command::new(&bin.net);
+    cmd.arg("--tap")
+        .arg(&net.tap.name)
+        .arg("--socket")
+        .arg(&net.socket);
+    if let Some(netns) = &net.tap.netns {
+        cmd.arg("--netns").arg(netns);
+    }
+    if let Some(mtu) = net.tap.mtu {
+        cmd.arg("--mtu").arg(mtu.to_string());
+    }
+    cmd
+}
+
+/// A started process that is stopped (SIGTERM, then SIGKILL after a grace period) when dropped.
+#[derive(Debug)]
+pub struct Guarded {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Guarded {
+    /// Starts `cmd` in a process group of its own (so a terminal's Ctrl-C reaches only the
+    /// VMM, which then ends in order) and waits until it accepts connections on `socket`.
+    pub fn spawn_listening(
+        name: String,
+        mut cmd: Command,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<Guarded, Error> {
+        cmd.process_group(0).stdin(Stdio::null());
+        let child = cmd.spawn().map_err(|e| Error::Spawn(name.clone(), e))?;
+        let mut guarded = Guarded { name, child };
+        guarded.wait_listening(socket, timeout)?;
+        Ok(guarded)
+    }
+
+    fn wait_listening(&mut self, socket: &Path, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::Exited {
+                    name: self.name.clone(),
+                    status,
+                    socket: socket.to_owned(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NotListening {
+                    name: self.name.clone(),
+                    socket: socket.to_owned(),
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops the process: SIGTERM, and SIGKILL if it is still there after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::warn!(name = %self.name, "did not stop on SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_created_sparse_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("fv-node-img-{}", std::process::id()));
+        let image = Image {
+            path: dir.join("sub/d.img"),
+            create_size: None,
+            read_only: false,
+        };
+        let err = prepare_image(&image).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let image = Image {
+            create_size: Some(1 << 30),
+            ..image
+        };
+        assert!(prepare_image(&image).unwrap());
+        let meta = std::fs::metadata(&image.path).unwrap();
+        assert_eq!(meta.len(), 1 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() < 16, "not sparse: {} blocks", meta.blocks());
+        // An existing image is left alone.
+        assert!(!prepare_image(&image).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_backend_that_dies_is_reported_with_its_status() {
+        let socket = std::env::temp_dir().join(format!("fv-node-none-{}.sock", std::process::id()));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exit 7"]);
+        let err = Guarded::spawn_listening("sh".into(), cmd, &socket, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(err.to_string().contains("exit status: 7"), "{err}");
+    }
+}
