@@ -31,6 +31,11 @@ pub const MULTUS_NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";
 pub const MULTUS_DEFAULT_NETWORK: &str = "v1.multus-cni.io/default-network";
 /// Where pod volumes of the VMI's disks are mounted in the launcher container.
 pub const DISKS_DIR: &str = "/var/run/ferrovirt/disks";
+/// The VMI's directory as the launcher container sees it: the node agent's backends put their
+/// vhost-user sockets there and the VMM its API socket (`vmm.sock`).
+pub const VMI_DIR: &str = "/var/run/ferrovirt/vmi";
+/// The node's directory of per-VMI directories (`<VMIS_HOST_DIR>/<VMI UID>` is [`VMI_DIR`]).
+pub const VMIS_HOST_DIR: &str = "/var/run/ferrovirt/vmis";
 /// The launcher container's name; `fvctl console` attaches to it.
 pub const COMPUTE: &str = "compute";
 
@@ -295,7 +300,20 @@ pub fn pod(
     vmi.uid().ok_or(Error::NoUid)?;
     let namespace = vmi.namespace().unwrap_or_default();
     let spec = &vmi.spec;
-    let (pod_volumes, mounts) = volumes(vmi);
+    let (mut pod_volumes, mut mounts) = volumes(vmi);
+    pod_volumes.push(PodVolume {
+        name: "vmi".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: format!("{VMIS_HOST_DIR}/{}", vmi.uid().unwrap_or_default()),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "vmi".into(),
+        mount_path: VMI_DIR.into(),
+        ..Default::default()
+    });
     let mut annotations = multus_annotations(vmi, &namespace);
     annotations.insert("ferrovirt.io/vmi".into(), vmi.name_any());
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
@@ -443,7 +461,15 @@ spec:
             "1"
         );
         let volumes = spec.volumes.as_ref().expect("volumes");
-        assert_eq!(volumes.len(), 3);
+        assert_eq!(volumes.len(), 4);
+        assert_eq!(
+            volumes[3]
+                .host_path
+                .as_ref()
+                .expect("the VMI's directory")
+                .path,
+            "/var/run/ferrovirt/vmis/0a0b0c0d-0000-4000-8000-000000000001"
+        );
         let host = volumes[0].host_path.as_ref().expect("hostPath");
         assert_eq!(
             (host.path.as_str(), host.type_.as_deref()),

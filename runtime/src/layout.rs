@@ -44,6 +44,9 @@ pub const DEBUGCON_PORT: u16 = 0xe9;
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// ACPI PM1a control (hardware-reduced sleep control): SLP_TYP=S5|SLP_EN powers off.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// ferrovirt's guest-idle port: a 1- or 2-byte write of N parks the writing vCPU for N ms
+/// (at most 100). For ring-3 test guests, which cannot halt; see runtime/testguest.
+pub const GUEST_IDLE_PORT: u16 = 0x610;
 /// PCI configuration mechanism #1.
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 

@@ -20,7 +20,7 @@ use crate::api::{
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, I8042};
+use crate::devices::legacy::{AcpiSleepControl, DebugConsole, DebugExit, GuestIdle, I8042};
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::block::{BlockError, VhostUserBlk};
@@ -29,8 +29,8 @@ use crate::devices::virtio::rng::{Rng, RngError, RngMetrics};
 use crate::devices::virtio::vhost_user::VhostUserMetrics;
 use crate::devices::virtio::{VirtioError, add_virtio_device};
 use crate::layout::{
-    ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUGCON_PORT, I8042_PORT,
-    PCI_CONFIG_ADDRESS_PORT,
+    ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, DEBUGCON_PORT, GUEST_IDLE_PORT,
+    I8042_PORT, PCI_CONFIG_ADDRESS_PORT,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::vm::cpu::{self, CpuError};
@@ -269,6 +269,7 @@ impl Vm {
             2,
             Arc::new(AcpiSleepControl(on_exit.clone())),
         )?;
+        pio.insert(GUEST_IDLE_PORT as u64, 2, Arc::new(GuestIdle))?;
 
         let pci = PciRoot::new(mmio.clone(), vm_fd.clone());
         pio.insert(PCI_CONFIG_ADDRESS_PORT as u64, 8, pci.config_io())?;

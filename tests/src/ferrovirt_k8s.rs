@@ -12,7 +12,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
-use crate::{GuardedProcess, ScratchDir, repo_root, try_controller_binary};
+use crate::{
+    GuardedProcess, ScratchDir, repo_root, try_agent_binary, try_controller_binary, try_testguest,
+    try_vhost_blk_binary, try_vhost_net_binary, try_vmm_binary,
+};
 
 /// The stand-in launcher image.
 pub const LAUNCHER_IMAGE: &str = "ferrovirt.io/test-launcher:test";
@@ -81,6 +84,108 @@ fn install_once(cluster: &Cluster) -> Result<(), K8sError> {
     cluster.load_image(&image)
 }
 
+/// The real launcher image: ferrovirt-vmm (with the C libraries it links) waiting on its API
+/// socket in the VMI's directory, and the test guest as /usr/share/ferrovirt/testguest.
+pub const FERROVIRT_LAUNCHER_IMAGE: &str = "ferrovirt.io/launcher:test";
+
+/// Builds [`FERROVIRT_LAUNCHER_IMAGE`] from the release VMM and loads it, once per process.
+pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let vmm = try_vmm_binary().map_err(|e| e.to_string())?;
+        let guest = try_testguest().map_err(|e| e.to_string())?;
+        let mut image = OciImage::new(FERROVIRT_LAUNCHER_IMAGE)
+            .file(&vmm, "/usr/bin/ferrovirt-vmm")
+            .file(&guest, "/usr/share/ferrovirt/testguest")
+            .dir("/tmp", 0o1777)
+            .dir("/var/run/ferrovirt/vmi", 0o755)
+            .entrypoint(&[
+                "/usr/bin/ferrovirt-vmm",
+                "--api-socket",
+                "/var/run/ferrovirt/vmi/vmm.sock",
+            ]);
+        for lib in shared_libraries(&vmm)? {
+            let path = lib.display().to_string();
+            image = image.file(&lib, &path);
+        }
+        cluster
+            .load_image(&image)
+            .map_err(|e| format!("cannot load the launcher image: {e}"))
+    })
+    .clone()
+}
+
+/// The shared libraries `binary` loads (ldd's list, with the dynamic loader).
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| format!("cannot run ldd: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect())
+}
+
+/// A `ferrovirt-agent` for the harness node, as ServiceAccount `ferrovirt/ferrovirt-agent`,
+/// running the release backends. Dropping it stops it (SIGTERM; its VMs keep running).
+pub struct AgentProcess {
+    pub process: GuardedProcess,
+    _kubeconfig: ServiceAccountKubeconfig,
+    dir: ScratchDir,
+}
+
+impl AgentProcess {
+    /// Starts it with `extra` flags appended.
+    pub fn start(cluster: &Cluster, extra: &[&str]) -> Result<AgentProcess, String> {
+        let binary = try_agent_binary().map_err(|e| e.to_string())?;
+        let backends = [try_vhost_blk_binary(), try_vhost_net_binary()];
+        let bin_dir = backends[0]
+            .as_ref()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if let Some(Err(e)) = backends.iter().find(|b| b.is_err()) {
+            return Err(e.to_string());
+        }
+        let kubeconfig = cluster
+            .service_account_kubeconfig("ferrovirt", "ferrovirt-agent")
+            .map_err(|e| e.to_string())?;
+        let dir = ScratchDir::new("agent").map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(binary);
+        cmd.env("KUBECONFIG", kubeconfig.path())
+            .args(["--node-name", "localhost", "--bin-dir"])
+            .arg(bin_dir)
+            .args(extra);
+        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))
+            .map_err(|e| e.to_string())?;
+        Ok(AgentProcess {
+            process,
+            _kubeconfig: kubeconfig,
+            dir,
+        })
+    }
+
+    /// Its log so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("agent stderr:\n{}", self.stderr());
+        }
+    }
+}
+
 /// A `ferrovirt-controller run` watching one namespace, as ServiceAccount
 /// `ferrovirt/ferrovirt-controller`, with the stand-in launcher image.
 pub struct ControllerProcess {
@@ -94,6 +199,15 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     /// Starts it; `extra` flags are appended (`--no-leader-elect`, `--identity`, `--listen`, ...).
     pub fn start(ns: &Namespace, extra: &[&str]) -> Result<ControllerProcess, String> {
+        ControllerProcess::start_with_launcher(ns, LAUNCHER_IMAGE, extra)
+    }
+
+    /// Starts it with launcher pods of `image` (the real one is [`FERROVIRT_LAUNCHER_IMAGE`]).
+    pub fn start_with_launcher(
+        ns: &Namespace,
+        image: &str,
+        extra: &[&str],
+    ) -> Result<ControllerProcess, String> {
         let cluster = ns.cluster().clone();
         let binary: PathBuf = try_controller_binary().map_err(|e| e.to_string())?;
         let kubeconfig = cluster
@@ -104,12 +218,7 @@ impl ControllerProcess {
         let mut cmd = Command::new(binary);
         cmd.env("KUBECONFIG", kubeconfig.path())
             .args(["run", "--watch-namespace", ns.name()])
-            .args([
-                "--launcher-image",
-                LAUNCHER_IMAGE,
-                "--launcher-pull-policy",
-                "Never",
-            ])
+            .args(["--launcher-image", image, "--launcher-pull-policy", "Never"])
             .args(["--lease-namespace", "ferrovirt", "--lease-name", &lease])
             .args(["--lease-duration", "4", "--lease-grace", "1"]);
         if !extra.contains(&"--listen") {

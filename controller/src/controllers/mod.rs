@@ -161,6 +161,20 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
+    apply_status_as(api, obj, status, MANAGER).await
+}
+
+/// Server-side applies `status` to `obj`'s status subresource under `manager`.
+pub async fn apply_status_as<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    status: &S,
+    manager: &str,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
     let body = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
@@ -168,7 +182,7 @@ where
     });
     api.patch_status(
         &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(body),
     )
     .await?;

@@ -140,44 +140,56 @@ pub struct Guarded {
     pub child: Child,
 }
 
+/// Starts `cmd` in a process group of its own (so a terminal's Ctrl-C reaches only the VMM,
+/// which then ends in order), calls `on_spawn` with its pid, and waits until it accepts
+/// connections on `socket`. A process that fails to is killed.
+pub fn spawn_listening(
+    name: &str,
+    mut cmd: Command,
+    socket: &Path,
+    timeout: Duration,
+    on_spawn: impl FnOnce(u32),
+) -> Result<Child, Error> {
+    cmd.process_group(0).stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| Error::Spawn(name.to_owned(), e))?;
+    on_spawn(child.id());
+    let deadline = Instant::now() + timeout;
+    loop {
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(child);
+        }
+        let failed = match child.try_wait() {
+            Ok(Some(status)) => Some(Error::Exited {
+                name: name.to_owned(),
+                status,
+                socket: socket.to_owned(),
+            }),
+            _ if Instant::now() >= deadline => Some(Error::NotListening {
+                name: name.to_owned(),
+                socket: socket.to_owned(),
+                timeout,
+            }),
+            _ => None,
+        };
+        if let Some(e) = failed {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 impl Guarded {
-    /// Starts `cmd` in a process group of its own (so a terminal's Ctrl-C reaches only the
-    /// VMM, which then ends in order) and waits until it accepts connections on `socket`.
+    /// [`spawn_listening`], stopped when dropped.
     pub fn spawn_listening(
         name: String,
-        mut cmd: Command,
+        cmd: Command,
         socket: &Path,
         timeout: Duration,
     ) -> Result<Guarded, Error> {
-        cmd.process_group(0).stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|e| Error::Spawn(name.clone(), e))?;
-        let mut guarded = Guarded { name, child };
-        guarded.wait_listening(socket, timeout)?;
-        Ok(guarded)
-    }
-
-    fn wait_listening(&mut self, socket: &Path, timeout: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if UnixStream::connect(socket).is_ok() {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(Error::Exited {
-                    name: self.name.clone(),
-                    status,
-                    socket: socket.to_owned(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::NotListening {
-                    name: self.name.clone(),
-                    socket: socket.to_owned(),
-                    timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let child = spawn_listening(&name, cmd, socket, timeout, |_| {})?;
+        Ok(Guarded { name, child })
     }
 
     /// Stops the process: SIGTERM, and SIGKILL if it is still there after `grace`.

@@ -113,6 +113,27 @@ impl BusDevice for DebugExit {
     }
 }
 
+/// ferrovirt's guest-idle port ([`crate::layout::GUEST_IDLE_PORT`]): the writing vCPU sleeps
+/// for the value written, in milliseconds, capped so that pause and shutdown stay prompt.
+pub struct GuestIdle;
+
+/// The longest one write parks a vCPU.
+pub const GUEST_IDLE_MAX_MS: u64 = 100;
+
+impl BusDevice for GuestIdle {
+    fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _base: u64, _offset: u64, data: &[u8]) {
+        let ms = data
+            .iter()
+            .take(2)
+            .rev()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(GUEST_IDLE_MAX_MS)));
+    }
+}
+
 /// ACPI 6.5 §4.8.3.7 sleep control register (hardware-reduced ACPI).
 pub struct AcpiSleepControl(pub ExitNotifier);
 
@@ -137,6 +158,21 @@ impl BusDevice for AcpiSleepControl {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    #[test]
+    fn the_idle_port_parks_the_vcpu_for_the_value_written_capped() {
+        let t = std::time::Instant::now();
+        GuestIdle.write(0, 0, &[30, 0]);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+        let t = std::time::Instant::now();
+        GuestIdle.write(0, 0, &[0xff, 0xff]);
+        let slept = t.elapsed();
+        assert!(slept >= std::time::Duration::from_millis(GUEST_IDLE_MAX_MS));
+        assert!(
+            slept < std::time::Duration::from_millis(GUEST_IDLE_MAX_MS * 3),
+            "{slept:?}"
+        );
+    }
 
     use super::*;
 

@@ -4,6 +4,7 @@
 mod blk;
 mod fault;
 mod hello;
+mod idle;
 mod net;
 mod pci_list;
 mod poweroff;
@@ -41,10 +42,11 @@ pub enum Scenario {
     NetResponder,
     NetSend,
     NetRecv,
+    Idle,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 16] = [
+    const ALL: [Scenario; 17] = [
         Self::Hello,
         Self::Exit,
         Self::Smp,
@@ -61,6 +63,7 @@ impl Scenario {
         Self::NetResponder,
         Self::NetSend,
         Self::NetRecv,
+        Self::Idle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Scenario {
             Self::NetResponder => "net-responder",
             Self::NetSend => "net-send",
             Self::NetRecv => "net-recv",
+            Self::Idle => "idle",
         }
     }
 
@@ -115,6 +119,7 @@ impl Scenario {
             Self::NetResponder => net::run_responder(info),
             Self::NetSend => net::run_send(info),
             Self::NetRecv => net::run_recv(info),
+            Self::Idle => idle::run(),
         }
     }
 }

@@ -1,0 +1,386 @@
+//! Starting and stopping one VMI's node side: its launcher pod's VMM is already running (the
+//! container's entrypoint waits on its API socket in the VMI's host directory); the agent
+//! resolves volumes through the VMM's mount namespace and NICs through the CNI records of its
+//! network namespace, starts the backends in the pod's cgroups, then creates and boots the VM.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferrovirt_cni_plugin::state::AttachmentRecord;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::vmm_api;
+use crate::crd::spec::{HostDiskType, Interface, Network, Volume};
+use crate::crd::vmi::{InterfaceStatus, VirtualMachineInstanceSpec};
+use crate::node::plan::{self, DISK_IMG, DISKS_DIR, Image, Plan, Resolver, SocketDirs, Tap};
+use crate::node::process::{self, Binaries};
+
+/// Where the launcher container sees its VMI's host directory (the controller mounts it).
+pub const CONTAINER_VMI_DIR: &str = crate::launcher::VMI_DIR;
+/// The VMM's API socket in the VMI's directory.
+pub const API_SOCKET: &str = "vmm.sock";
+/// What the agent records about a started VMI, in the VMI's directory.
+const STATE_FILE: &str = "agent.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Plan(#[from] plan::Error),
+    #[error(transparent)]
+    Process(#[from] process::Error),
+    #[error(transparent)]
+    Api(#[from] vmm_api::Error),
+    #[error("cannot read the launcher's {0}: {1}")]
+    Proc(PathBuf, #[source] std::io::Error),
+    #[error("cannot write the agent's state {0}: {1}")]
+    State(PathBuf, #[source] std::io::Error),
+    #[error("cannot read the CNI records in {0}: {1}")]
+    Cni(PathBuf, #[source] std::io::Error),
+}
+
+/// What the agent started for a VMI, kept in its directory so a restarted agent adopts it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Started {
+    pub vmm_pid: i32,
+    /// Backend name → pid.
+    pub backends: BTreeMap<String, i32>,
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+impl Started {
+    pub fn load(dir: &Path) -> Option<Started> {
+        let text = std::fs::read(dir.join(STATE_FILE)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), Error> {
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let text = serde_json::to_vec(self).unwrap_or_default();
+        std::fs::write(&tmp, text).map_err(|e| Error::State(tmp.clone(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::State(path, e))
+    }
+
+    /// The VMM is still the process this record names.
+    pub fn vmm_alive(&self, dir: &Path) -> bool {
+        alive_with(self.vmm_pid, "ferrovirt-vmm", dir)
+    }
+}
+
+/// `pid` lives and runs `program` with an argument under `dir` (guards against pid reuse).
+fn alive_with(pid: i32, program: &str, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    cmdline.contains(program)
+        && (program == "ferrovirt-vmm" || cmdline.contains(&*dir.to_string_lossy()))
+}
+
+/// Resolves volumes inside the launcher's mount namespace and NICs from CNI records.
+struct PodResolver<'a> {
+    root: PathBuf,
+    nics: &'a [AttachmentRecord],
+    next_nic: usize,
+}
+
+impl Resolver for PodResolver<'_> {
+    fn image(&mut self, volume: &Volume) -> Result<Image, plan::Error> {
+        let mounted = self
+            .root
+            .join(DISKS_DIR.trim_start_matches('/'))
+            .join(&volume.name);
+        if let Some(host) = &volume.host_disk {
+            let file = Path::new(&host.path)
+                .file_name()
+                .ok_or_else(|| plan::unsupported(volume, "hostDisk.path names no file"))?;
+            let create_size = match (host.type_, &host.capacity) {
+                (HostDiskType::DiskOrCreate, Some(q)) => Some(plan::capacity(volume, q)?),
+                _ => None,
+            };
+            return Ok(Image {
+                path: mounted.join(file),
+                create_size,
+                read_only: false,
+            });
+        }
+        if let Some(empty) = &volume.empty_disk {
+            return Ok(Image {
+                path: mounted.join(DISK_IMG),
+                create_size: Some(plan::capacity(volume, &empty.capacity)?),
+                read_only: false,
+            });
+        }
+        if let Some(pvc) = &volume.persistent_volume_claim {
+            return Ok(Image {
+                path: mounted.join(DISK_IMG),
+                create_size: filesystem_disk_size(&mounted),
+                read_only: pvc.read_only == Some(true),
+            });
+        }
+        Err(plan::unsupported(
+            volume,
+            "containerDisk and cloudInitNoCloud volumes are not served by this node agent yet; use hostDisk, emptyDisk or persistentVolumeClaim",
+        ))
+    }
+
+    fn tap(&mut self, interface: &Interface, _: &Network, _: usize) -> Result<Tap, plan::Error> {
+        let refuse = |reason: String| plan::Error::Interface {
+            interface: interface.name.clone(),
+            reason,
+        };
+        if interface.binding.is_none() {
+            return Err(refuse(
+                "this node agent attaches vhost-user interfaces (binding: {name: vhostuser}); bridge, masquerade and sriov bindings are not served yet".into(),
+            ));
+        }
+        let record = self.nics.get(self.next_nic).ok_or_else(|| {
+            refuse(format!(
+                "the launcher pod has {} ferrovirt-cni vhost-user attachment(s) and this is vhost-user interface {}; check the RuntimeClass's CNI configuration",
+                self.nics.len(),
+                self.next_nic + 1
+            ))
+        })?;
+        self.next_nic += 1;
+        let vhost = record
+            .vhost_user
+            .as_ref()
+            .ok_or_else(|| refuse("its CNI record has no TAP".into()))?;
+        Ok(Tap {
+            name: vhost.tap.clone(),
+            // ferrovirt-cni makes the TAP in the host's namespace and attaches it to the
+            // eBPF switch there.
+            netns: None,
+            mtu: vhost.mtu.and_then(|m| u16::try_from(m).ok()),
+        })
+    }
+}
+
+/// 90 % of a filesystem volume, for a claim's disk.img made on first use (KubeVirt does the
+/// same for filesystem-mode claims).
+fn filesystem_disk_size(dir: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    let total = stat.blocks() as u64 * stat.fragment_size() as u64;
+    let size = (total / 10 * 9) & !((1 << 20) - 1);
+    (size > 0).then_some(size)
+}
+
+/// ferrovirt-cni's vhost-user records for the network namespace `netns_inode`, by ifname.
+fn cni_records(state_dir: &Path, netns_inode: u64) -> Result<Vec<AttachmentRecord>, Error> {
+    let mut out = Vec::new();
+    let networks = match std::fs::read_dir(state_dir) {
+        Ok(dirs) => dirs,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::Cni(state_dir.to_owned(), e)),
+    };
+    for network in networks.flatten() {
+        let Ok(files) = std::fs::read_dir(network.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let Ok(text) = std::fs::read(file.path()) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<AttachmentRecord>(&text) else {
+                continue;
+            };
+            let same_netns = record
+                .netns
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .is_some_and(|m| m.ino() == netns_inode);
+            if same_netns && record.vhost_user.is_some() {
+                out.push(record);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    Ok(out)
+}
+
+/// The interfaces the guest has, as the VMI status reports them.
+fn interface_status(plan: &Plan, records: &[AttachmentRecord]) -> Vec<InterfaceStatus> {
+    plan.nets
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            let ips: Vec<String> = records
+                .get(i)
+                .and_then(|r| r.result.as_ref())
+                .map(|r| r.ips.iter().map(|ip| ip.address.addr.to_string()).collect())
+                .unwrap_or_default();
+            InterfaceStatus {
+                name: Some(net.name.clone()),
+                ip_address: ips.first().cloned(),
+                ip_addresses: ips,
+                mac: Some(net.mac.to_string()),
+                interface_name: records.get(i).map(|r| r.ifname.clone()),
+            }
+        })
+        .collect()
+}
+
+/// Puts `pid` into the cgroups of `pod_of` (the VMM: its cgroups' parents are the pod's),
+/// so the pod's limits and accounting cover it.
+fn join_pod_cgroups(pid: u32, pod_of: i32) -> Result<(), Error> {
+    let path = PathBuf::from(format!("/proc/{pod_of}/cgroup"));
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Proc(path.clone(), e))?;
+    for line in text.lines() {
+        // hierarchy-id:controllers:path (cgroup v1), 0::path (v2).
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(cgroup)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(pod) = Path::new(cgroup).parent() else {
+            continue;
+        };
+        let mount = if controllers.is_empty() {
+            PathBuf::from("/sys/fs/cgroup/unified")
+        } else if let Some(name) = controllers.strip_prefix("name=") {
+            PathBuf::from("/sys/fs/cgroup").join(name)
+        } else {
+            PathBuf::from("/sys/fs/cgroup").join(controllers)
+        };
+        let procs = mount
+            .join(pod.strip_prefix("/").unwrap_or(pod))
+            .join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, pid.to_string()) {
+            tracing::debug!(path = %procs.display(), "cannot join cgroup: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// What to do with one VMI on this node.
+pub struct Launch<'a> {
+    pub bin: &'a Binaries,
+    pub dir: &'a Path,
+    pub cni_state_dir: &'a Path,
+}
+
+/// Children the agent started; reaped so they leave no zombies.
+pub type Children = std::sync::Mutex<Vec<std::process::Child>>;
+
+impl Launch<'_> {
+    /// Starts the VMI's backends and boots its VM in the launcher's VMM; what was started.
+    pub async fn start(
+        &self,
+        spec: &VirtualMachineInstanceSpec,
+        children: &Children,
+    ) -> Result<Started, Error> {
+        let api = self.dir.join(API_SOCKET);
+        let vmm_pid = vmm_api::peer_pid(&api).await?;
+        let netns = PathBuf::from(format!("/proc/{vmm_pid}/ns/net"));
+        let netns_inode = std::fs::metadata(&netns)
+            .map_err(|e| Error::Proc(netns.clone(), e))?
+            .ino();
+        let records = cni_records(self.cni_state_dir, netns_inode)?;
+        let plan = plan::plan(
+            spec,
+            &mut PodResolver {
+                root: PathBuf::from(format!("/proc/{vmm_pid}/root")),
+                nics: &records,
+                next_nic: 0,
+            },
+            &SocketDirs {
+                host: self.dir.to_owned(),
+                vmm: PathBuf::from(CONTAINER_VMI_DIR),
+            },
+            Path::new("/"),
+        )?;
+        let mut started = Started {
+            vmm_pid,
+            backends: BTreeMap::new(),
+            interfaces: interface_status(&plan, &records),
+        };
+        let spawned = self.spawn_backends(&plan, vmm_pid, &mut started, children);
+        // Recorded even when a backend failed, so the teardown finds the others.
+        started.save(self.dir)?;
+        spawned?;
+        let config = serde_json::to_vec(&plan.vm).unwrap_or_default();
+        vmm_api::request(&api, "PUT", "vm.create", Some(&config)).await?;
+        vmm_api::request(&api, "PUT", "vm.boot", None).await?;
+        Ok(started)
+    }
+
+    fn spawn_backends(
+        &self,
+        plan: &Plan,
+        vmm_pid: i32,
+        started: &mut Started,
+        children: &Children,
+    ) -> Result<(), Error> {
+        let mut commands = Vec::new();
+        for disk in &plan.disks {
+            process::prepare_image(&disk.image)?;
+            commands.push((
+                format!("disk-{}", disk.name),
+                process::blk_command(self.bin, disk),
+                &disk.socket,
+            ));
+        }
+        for net in &plan.nets {
+            commands.push((
+                format!("net-{}", net.name),
+                process::net_command(self.bin, net),
+                &net.socket,
+            ));
+        }
+        for (name, mut cmd, socket) in commands {
+            let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+                .map_err(|e| Error::State(self.dir.join(format!("{name}.log")), e))?;
+            cmd.stdout(
+                log.try_clone()
+                    .map_err(|e| Error::State(self.dir.into(), e))?,
+            )
+            .stderr(log);
+            let child = process::spawn_listening(&name, cmd, socket, BACKEND_START, |pid| {
+                if let Err(e) = join_pod_cgroups(pid, vmm_pid) {
+                    tracing::warn!(backend = %name, "cannot move into the pod's cgroups: {e}");
+                }
+            });
+            let child = child?;
+            started.backends.insert(name, child.id() as i32);
+            if let Ok(mut list) = children.lock() {
+                list.push(child);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long a backend gets to start listening.
+const BACKEND_START: Duration = Duration::from_secs(10);
+/// How long a backend gets to stop after SIGTERM.
+const BACKEND_STOP: Duration = Duration::from_secs(5);
+
+/// Stops every backend the VMI's record names and removes its directory.
+pub async fn teardown(dir: &Path) {
+    if let Some(started) = Started::load(dir) {
+        for (name, pid) in &started.backends {
+            if !alive_with(*pid, "ferrovirt-vhost", dir) {
+                continue;
+            }
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + BACKEND_STOP;
+            while alive_with(*pid, "ferrovirt-vhost", dir) {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(backend = %name, pid, "did not stop on SIGTERM; killing it");
+                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::info!(dir = %dir.display(), "VMI cleaned up"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove: {e}"),
+    }
+}
