@@ -282,6 +282,10 @@ EOF
     # RuntimeClass "ferrovirt": the cluster network first (eth0), then whatever second conflist
     # the node's tests drop here (eth1).
     cp "$STATE/cni.d/10-cluster.conflist" "$STATE/cni-vm.d/10-cluster.conflist"
+    # containerd's plugin directory: Debian's plugins, plus whatever a test links in (such as
+    # ferrovirt-cni), without touching $CNI_BIN_DIR.
+    mkdir -p "$STATE/cni-bin"
+    for plugin in "$CNI_BIN_DIR"/*; do ln -sf "$plugin" "$STATE/cni-bin/"; done
 }
 
 write_containerd_config() {
@@ -315,7 +319,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   stream_server_port = "0"
 
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$CNI_BIN_DIR"
+    bin_dir = "$STATE/cni-bin"
     conf_dir = "$STATE/cni.d"
     max_conf_num = 1
 
@@ -451,6 +455,7 @@ export FERROVIRT_K8S_BIN=$BIN
 export FERROVIRT_K8S_PAUSE_IMAGE=$PAUSE_IMAGE
 export FERROVIRT_K8S_CONTAINERD=$CONTAINERD_SOCK
 export FERROVIRT_K8S_VM_CNI_DIR=$STATE/cni-vm.d
+export FERROVIRT_K8S_CNI_BIN_DIR=$STATE/cni-bin
 export FERROVIRT_K8S_DEVICE_PLUGIN_DIR=$DEVICE_PLUGIN_DIR
 export PATH=$BIN:\$PATH
 EOF

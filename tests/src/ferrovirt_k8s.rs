@@ -105,8 +105,12 @@ pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
                 "/var/run/ferrovirt/vmi/vmm.sock",
             ]);
         for lib in shared_libraries(&vmm)? {
-            let path = lib.display().to_string();
-            image = image.file(&lib, &path);
+            // The file itself at the path the binary asks for (the loader's path is a symlink
+            // on the host).
+            let file = lib
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", lib.display()))?;
+            image = image.file(&file, &lib.display().to_string());
         }
         cluster
             .load_image(&image)
@@ -261,4 +265,50 @@ impl Drop for ControllerProcess {
             ]);
         }
     }
+}
+
+/// The string at JSON `pointer` in `v`, "" when absent.
+pub fn str_at<'a>(v: &'a serde_json::Value, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("")
+}
+
+/// Waits up to `timeout` until `kind/name`'s JSON satisfies `check`; returns it. The error
+/// carries the last status seen.
+pub fn wait_json(
+    ns: &Namespace,
+    kind: &str,
+    name: &str,
+    what: &str,
+    timeout: std::time::Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, String> {
+    crate::k8s::wait_for(what, timeout, || match ns.get_json(&[kind, name]).ok() {
+        Some(v) if check(&v) => Ok(v),
+        Some(v) => Err(format!(
+            "{}",
+            v.get("status").cloned().unwrap_or(serde_json::Value::Null)
+        )),
+        None => Err(format!("no {kind} {name}")),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Waits up to `timeout` until `kind/name` is gone.
+pub fn wait_gone(
+    ns: &Namespace,
+    kind: &str,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    crate::k8s::wait_for(
+        &format!("{kind} {name} to be deleted"),
+        timeout,
+        || match ns.get_json(&[kind, name]).ok() {
+            Some(_) => Err("still there".into()),
+            None => Ok(()),
+        },
+    )
+    .map_err(|e| e.to_string())
 }

@@ -142,6 +142,12 @@ impl Cluster {
         &self.vm_cni_dir
     }
 
+    /// containerd's CNI plugin directory: links to Debian's plugins; link more in (such as
+    /// ferrovirt-cni) for a conflist of [`Cluster::vm_cni_dir`] to use.
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.state.join("cni-bin")
+    }
+
     /// What the kubelet sees as `/var/lib/kubelet/device-plugins` (its `kubelet.sock` is here).
     pub fn device_plugin_dir(&self) -> &Path {
         &self.device_plugin_dir

@@ -41,7 +41,7 @@ fn get(ns: &Namespace, args: &[&str]) -> Option<Value> {
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+    ferrovirt_k8s::str_at(v, pointer)
 }
 
 /// Waits until `kind/name`'s JSON satisfies `check`; returns it.
@@ -52,27 +52,11 @@ fn wait_json(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    wait_for(what, WAIT, || match get(ns, &[kind, name]) {
-        Some(v) if check(&v) => Ok(v),
-        Some(v) => Err(format!(
-            "{}",
-            v.get("status").cloned().unwrap_or(Value::Null)
-        )),
-        None => Err(format!("no {kind} {name}")),
-    })
-    .unwrap_or_else(|e| panic!("{e}"))
+    ferrovirt_k8s::wait_json(ns, kind, name, what, WAIT, check).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn wait_gone(ns: &Namespace, kind: &str, name: &str) {
-    wait_for(
-        &format!("{kind} {name} to be deleted"),
-        WAIT,
-        || match get(ns, &[kind, name]) {
-            Some(_) => Err("still there".into()),
-            None => Ok(()),
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ferrovirt_k8s::wait_gone(ns, kind, name, WAIT).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn vm_yaml(name: &str, strategy: &str, extra_spec: &str) -> String {

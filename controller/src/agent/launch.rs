@@ -156,6 +156,7 @@ impl Resolver for PodResolver<'_> {
             // eBPF switch there.
             netns: None,
             mtu: vhost.mtu.and_then(|m| u16::try_from(m).ok()),
+            mac: vhost.mac.to_string().parse().ok(),
         })
     }
 }

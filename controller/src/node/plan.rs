@@ -64,6 +64,8 @@ pub struct Tap {
     /// The network namespace it lives in (a path such as /proc/PID/ns/net), None for ours.
     pub netns: Option<PathBuf>,
     pub mtu: Option<u16>,
+    /// The MAC the network assigned (the eBPF switch lets the guest send from it only).
+    pub mac: Option<MacAddr>,
 }
 
 /// How the caller's world maps the VMI's volumes and networks to files and TAPs.
@@ -183,16 +185,29 @@ pub fn plan(
             .find(|n| n.name == interface.name)
             .ok_or_else(|| Error::NoNetwork(interface.name.clone()))?;
         let socket = sockets.host.join(format!("net-{}.sock", interface.name));
-        let mac = match &interface.mac_address {
-            Some(text) => text.parse().map_err(|source| Error::Mac {
+        let tap = resolver.tap(interface, network, index)?;
+        let asked = match &interface.mac_address {
+            Some(text) => Some(text.parse().map_err(|source| Error::Mac {
                 name: interface.name.clone(),
                 source,
-            })?,
-            None => MacAddr::local_from_seed(socket.as_os_str().as_encoded_bytes()),
+            })?),
+            None => None,
+        };
+        let mac = match (asked, tap.mac) {
+            (Some(asked), Some(given)) if asked != given => {
+                return Err(Error::Interface {
+                    interface: interface.name.clone(),
+                    reason: format!(
+                        "macAddress {asked} differs from {given}, which its network assigned and lets it send from; drop macAddress or pass it to the network (Multus)"
+                    ),
+                });
+            }
+            (Some(mac), _) | (None, Some(mac)) => mac,
+            (None, None) => MacAddr::local_from_seed(socket.as_os_str().as_encoded_bytes()),
         };
         net_backends.push(NetBackend {
             name: interface.name.clone(),
-            tap: resolver.tap(interface, network, index)?,
+            tap,
             socket,
             mac,
         });
@@ -297,6 +312,7 @@ mod tests {
                 name: format!("tap{index}-{}", i.name),
                 netns: None,
                 mtu: Some(1400),
+                mac: None,
             })
         }
     }
@@ -386,6 +402,33 @@ networks:
             "emptyDisk: {capacity: 1Gi}",
         ));
         assert_eq!(err, "volume \"data\": not here");
+    }
+
+    struct Assigned;
+    impl Resolver for Assigned {
+        fn image(&mut self, volume: &Volume) -> Result<Image, Error> {
+            Fake.image(volume)
+        }
+        fn tap(&mut self, i: &Interface, n: &Network, index: usize) -> Result<Tap, Error> {
+            let mac = "02:00:00:00:00:01".parse().ok();
+            Ok(Tap {
+                mac,
+                ..Fake.tap(i, n, index)?
+            })
+        }
+    }
+
+    #[test]
+    fn the_networks_mac_is_used_and_a_different_one_is_refused() {
+        let dirs = SocketDirs::same(Path::new("/r"));
+        let own = BASE.replace(", macAddress: \"52:54:00:aa:bb:cc\"", "");
+        let p = plan(&spec(&own), &mut Assigned, &dirs, Path::new("/")).unwrap();
+        assert_eq!(p.vm.nets[0].mac.unwrap().to_string(), "02:00:00:00:00:01");
+        let err = plan(&spec(BASE), &mut Assigned, &dirs, Path::new("/")).unwrap_err();
+        assert!(
+            err.to_string().contains("differs from 02:00:00:00:00:01"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -194,6 +194,7 @@ impl Resolver for HostResolver<'_> {
             name: tap_name(self.vm, index),
             netns: None,
             mtu: None,
+            mac: None,
         })
     }
 }

@@ -1,0 +1,506 @@
+//! The node side on the real Kubernetes of tests/k8s: ferrovirt-agent (device plugin and VMI
+//! handling), the real launcher image (ferrovirt-vmm waiting on its API socket) and the
+//! controller. VMIs boot the test guest inside their launcher pods on real KVM with
+//! ferrovirt-vhost-blk disks in the pod's cgroups; the agent reports them Running, survives
+//! being killed, and leaves nothing behind when a VMI goes.
+//!
+//! The agent is node-wide, so these tests take turns (one agent at a time).
+//!
+//! Run inside the cluster: `tests/k8s/cluster.sh run -- cargo test -p ferrovirt-tests --features k8s --test k8s_node`
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use ferrovirt_tests::ferrovirt_k8s::{
+    self, AgentProcess, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at,
+};
+use ferrovirt_tests::k8s::{Cluster, Namespace, wait_for};
+use ferrovirt_tests::{ScratchDir, blk_pattern};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(90);
+const VMIS_DIR: &str = "/var/run/ferrovirt/vmis";
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    let cluster = CLUSTER.get_or_init(Cluster::from_env);
+    ferrovirt_k8s::install(cluster).unwrap_or_else(|e| panic!("{e}"));
+    ferrovirt_k8s::load_launcher_image(cluster).unwrap_or_else(|e| panic!("{e}"));
+    cluster
+}
+
+/// One test at a time owns the node's agent.
+fn turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Node {
+    ns: Namespace,
+    agent: Option<AgentProcess>,
+    _controller: ControllerProcess,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Node {
+    fn start(prefix: &str) -> Node {
+        let turn = turn();
+        let cluster = cluster();
+        let ns = cluster.namespace(prefix).unwrap_or_else(|e| panic!("{e}"));
+        let controller = ControllerProcess::start_with_launcher(
+            &ns,
+            FERROVIRT_LAUNCHER_IMAGE,
+            &["--no-leader-elect"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let agent = Some(agent(cluster));
+        Node {
+            ns,
+            agent,
+            _controller: controller,
+            _turn: turn,
+        }
+    }
+
+    fn vmi(&self, name: &str) -> Option<Value> {
+        self.ns.get_json(&["vmi", name]).ok()
+    }
+
+    fn wait_vmi(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        ferrovirt_k8s::wait_json(&self.ns, "vmi", name, what, WAIT, check).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nagent log:\n{}",
+                self.agent.as_ref().map(|a| a.stderr()).unwrap_or_default()
+            )
+        })
+    }
+
+    fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        self.wait_vmi(name, &format!("VMI {name} {phase}"), |v| {
+            str_at(v, "/status/phase") == phase
+        })
+    }
+}
+
+fn agent(cluster: &Cluster) -> AgentProcess {
+    let plugins = cluster.device_plugin_dir().display().to_string();
+    let _ = plugins;
+    AgentProcess::start(cluster, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A VMI of the test guest with `kernel_args` and one disk backed by `volume` (a YAML flow
+/// map of the volume source).
+fn vmi_yaml(name: &str, kernel_args: &str, volume: &str) -> String {
+    format!(
+        r#"apiVersion: ferrovirt.io/v1alpha1
+kind: VirtualMachineInstance
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: 5
+  domain:
+    memory: {{guest: 16Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: {kernel_args}
+        container: {{kernelPath: /usr/share/ferrovirt/testguest}}
+    devices:
+      disks: [{{name: data, serial: {name}}}]
+  volumes: [{{name: data, {volume}}}]
+"#
+    )
+}
+
+/// The VMI's host directory and what the agent recorded in it.
+fn agent_record(uid: &str) -> Option<Value> {
+    let text = std::fs::read(Path::new(VMIS_DIR).join(uid).join("agent.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+fn backend_pids(record: &Value) -> Vec<i32> {
+    record["backends"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(Value::as_i64)
+                .map(|p| p as i32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// Nothing of the VMI `uid` is left on the node: its directory and the processes of `record`.
+fn assert_node_clean(uid: &str, record: &Value) {
+    wait_for("the VMI's node state to go", WAIT, || {
+        let dir = PathBuf::from(VMIS_DIR).join(uid);
+        let left: Vec<i32> = backend_pids(record)
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect();
+        if dir.exists() || !left.is_empty() {
+            Err(format!(
+                "dir exists: {}, backends alive: {left:?}",
+                dir.exists()
+            ))
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_vmi_boots_in_its_launcher_pod_and_its_writes_reach_the_host_image() {
+    let node = Node::start("node-blk");
+    let images = ScratchDir::new("node-blk").unwrap_or_else(|e| panic!("{e}"));
+    let image = images.join("data.img");
+    node.ns
+        .apply(&vmi_yaml(
+            "writer",
+            "scenario=blk blk_seed=23 blk_sectors=2048",
+            &format!(
+                "hostDisk: {{path: {}, type: DiskOrCreate, capacity: 4Mi}}",
+                image.display()
+            ),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The guest passes and powers off: the VMM exits 0, the pod and the VMI succeed.
+    let v = node.wait_phase("writer", "Succeeded");
+    let phases: Vec<&str> = v["status"]["phaseTransitionTimestamps"]
+        .as_array()
+        .map(|a| a.iter().map(|p| str_at(p, "/phase")).collect())
+        .unwrap_or_default();
+    assert!(phases.contains(&"Running"), "phases: {phases:?}");
+    assert_eq!(str_at(&v, "/status/nodeName"), "localhost");
+    let bytes = std::fs::read(&image).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bytes.len(), 4 << 20);
+    assert_eq!(blk_pattern::first_mismatch(&bytes, 23, 0..2048), None);
+    let log = node
+        .ns
+        .kubectl(&["logs", "virt-launcher-writer"])
+        .unwrap_or_default();
+    assert!(log.contains("testguest: PASS blk"), "launcher log:\n{log}");
+    assert!(log.contains("serial=writer"), "launcher log:\n{log}");
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    wait_for("the VMI's directory to go", WAIT, || {
+        if Path::new(VMIS_DIR).join(&uid).exists() {
+            Err("still there".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_running_vmi_is_reported_and_deleting_it_leaves_nothing() {
+    let node = Node::start("node-run");
+    node.ns
+        .apply(&vmi_yaml(
+            "idler",
+            "scenario=idle",
+            "emptyDisk: {capacity: 8Mi}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("idler", "Running");
+    assert_eq!(str_at(&v, "/status/nodeName"), "localhost");
+    let conditions = v["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for wanted in ["Ready", "AgentConnected"] {
+        assert!(
+            conditions
+                .iter()
+                .any(|c| str_at(c, "/type") == wanted && str_at(c, "/status") == "True"),
+            "no {wanted}=True in {conditions:?}"
+        );
+    }
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    let record = agent_record(&uid).expect("the agent's record of the VMI");
+    let pids = backend_pids(&record);
+    assert_eq!(pids.len(), 1, "{record}");
+    // The disk backend lives in the launcher pod's cgroups, so the pod pays for it.
+    let pod_uid = node
+        .ns
+        .get_json(&["pod", "virt-launcher-idler"])
+        .map(|p| str_at(&p, "/metadata/uid").replace('-', "_"))
+        .unwrap_or_default();
+    let pod_uid_plain = pod_uid.replace('_', "-");
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap_or_default();
+    assert!(
+        cgroups.contains(&pod_uid_plain) || cgroups.contains(&pod_uid),
+        "backend cgroups:\n{cgroups}"
+    );
+    // The guest's console is the launcher's output.
+    wait_for("the guest's console", WAIT, || {
+        let log = node
+            .ns
+            .kubectl(&["logs", "virt-launcher-idler"])
+            .unwrap_or_default();
+        if log.contains("testguest: idle 1") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    node.ns
+        .kubectl(&["delete", "vmi", "idler", "--wait=true", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_node_clean(&uid, &record);
+    assert!(node.vmi("idler").is_none());
+}
+
+#[test]
+fn a_restarted_agent_adopts_running_vms_without_restarting_them() {
+    let mut node = Node::start("node-adopt");
+    node.ns
+        .apply(&vmi_yaml(
+            "kept",
+            "scenario=idle",
+            "emptyDisk: {capacity: 8Mi}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("kept", "Running");
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    let before = agent_record(&uid).expect("record");
+    // SIGKILL: no chance to tidy up.
+    if let Some(mut agent) = node.agent.take() {
+        let _ = agent.process.kill();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    node.agent = Some(agent(cluster()));
+    std::thread::sleep(Duration::from_secs(5));
+    let after = agent_record(&uid).expect("record after the restart");
+    assert_eq!(before, after, "the VM or its backends were restarted");
+    let vmm = after["vmm_pid"].as_i64().unwrap_or(-1) as i32;
+    assert!(alive(vmm), "the VMM {vmm} died");
+    for pid in backend_pids(&after) {
+        assert!(alive(pid), "backend {pid} died");
+    }
+    assert_eq!(
+        str_at(&node.vmi("kept").unwrap_or_default(), "/status/phase"),
+        "Running"
+    );
+    node.ns
+        .kubectl(&["delete", "vmi", "kept", "--wait=true", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_node_clean(&uid, &after);
+}
+
+#[test]
+fn a_missing_disk_image_fails_the_vmi_with_a_condition_and_starts_nothing() {
+    let node = Node::start("node-bad");
+    let images = ScratchDir::new("node-bad").unwrap_or_else(|e| panic!("{e}"));
+    let missing = images.join("missing.img");
+    node.ns
+        .apply(&vmi_yaml(
+            "lost",
+            "scenario=blk",
+            &format!("hostDisk: {{path: {}, type: Disk}}", missing.display()),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("lost", "Failed");
+    let conditions = v["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let sync = conditions
+        .iter()
+        .find(|c| str_at(c, "/type") == "Synchronized")
+        .unwrap_or_else(|| panic!("no Synchronized condition: {conditions:?}"));
+    assert_eq!(str_at(sync, "/status"), "False");
+    assert!(
+        str_at(sync, "/message").contains("does not exist"),
+        "{sync}"
+    );
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    assert_node_clean(&uid, &Value::Null);
+}
+
+/// A VM network for RuntimeClass `ferrovirt` pods: ferrovirt-cni in vhost-user mode (linked
+/// into containerd's plugin directory) as their second conflist, host-local addresses from
+/// 10.250.0.10 on, TAPs joined to network 7 of an eBPF switch of its own. Removed on drop,
+/// after the namespace (declare it first).
+struct VmNetwork {
+    state: ScratchDir,
+    datapath: Option<ferrovirt_ebpf::Datapath>,
+    _pins: ferrovirt_tests::BpfPinDir,
+    conflist: PathBuf,
+    plugin: PathBuf,
+}
+
+impl VmNetwork {
+    fn create(cluster: &Cluster) -> VmNetwork {
+        let cni = ferrovirt_tests::try_cni_binary().unwrap_or_else(|e| panic!("{e}"));
+        let plugin = cluster.cni_bin_dir().join("ferrovirt-cni");
+        let _ = std::fs::remove_file(&plugin);
+        std::os::unix::fs::symlink(&cni, &plugin).unwrap_or_else(|e| panic!("{e}"));
+        let pins = ferrovirt_tests::BpfPinDir::create("fvnode").unwrap_or_else(|e| panic!("{e}"));
+        let datapath = ferrovirt_ebpf::Datapath::open_or_load(&ferrovirt_ebpf::DatapathConfig {
+            pin_dir: pins.path().to_owned(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        datapath
+            .add_network(7, &ferrovirt_ebpf::NetworkConfig { vlan: None })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = ScratchDir::new("vmnet").unwrap_or_else(|e| panic!("{e}"));
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("vmnet-{}", ferrovirt_tests::unique_name("")),
+            "plugins": [{
+                "type": "ferrovirt-cni",
+                "mode": "vhost-user",
+                "networkId": 7,
+                "bpfPinDir": pins.path(),
+                "stateDir": state.join("cni"),
+                "socketDir": state.join("sockets"),
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.250.0.0/24", "rangeStart": "10.250.0.10", "rangeEnd": "10.250.0.50"}]],
+                    "dataDir": state.join("ipam"),
+                },
+            }],
+        });
+        let conflist = cluster.vm_cni_dir().join("20-vmnet.conflist");
+        let staged = conflist.with_extension("tmp");
+        std::fs::write(&staged, conf.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::rename(&staged, &conflist).unwrap_or_else(|e| panic!("{e}"));
+        // containerd notices the new conflist through inotify.
+        std::thread::sleep(Duration::from_secs(2));
+        VmNetwork {
+            state,
+            datapath: Some(datapath),
+            _pins: pins,
+            conflist,
+            plugin,
+        }
+    }
+
+    fn cni_state_dir(&self) -> String {
+        self.state.join("cni").display().to_string()
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conflist);
+        let _ = std::fs::remove_file(&self.plugin);
+        if let Some(dp) = self.datapath.take()
+            && let Err(e) = dp.destroy()
+        {
+            eprintln!("cannot destroy the test datapath: {e}");
+        }
+    }
+}
+
+fn net_vmi_yaml(name: &str, kernel_args: &str) -> String {
+    format!(
+        r#"apiVersion: ferrovirt.io/v1alpha1
+kind: VirtualMachineInstance
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: 5
+  domain:
+    memory: {{guest: 16Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: {kernel_args}
+        container: {{kernelPath: /usr/share/ferrovirt/testguest}}
+    devices:
+      interfaces: [{{name: vmnet, binding: {{name: vhostuser}}}}]
+  networks: [{{name: vmnet, pod: {{}}}}]
+"#
+    )
+}
+
+#[test]
+fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
+    let cluster = cluster();
+    let turn = turn();
+    let net = VmNetwork::create(cluster);
+    let ns = cluster
+        .namespace("node-net")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _controller = ControllerProcess::start_with_launcher(
+        &ns,
+        FERROVIRT_LAUNCHER_IMAGE,
+        &["--no-leader-elect", "--vm-runtime-class", "ferrovirt"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let plugins = cluster.device_plugin_dir().display().to_string();
+    let agent = AgentProcess::start(
+        cluster,
+        &[
+            "--device-plugin-dir",
+            &plugins,
+            "--cni-state-dir",
+            &net.cni_state_dir(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let node = Node {
+        ns,
+        agent: Some(agent),
+        _controller,
+        _turn: turn,
+    };
+    // The receiver first: host-local gives it the first address of the range.
+    node.ns
+        .apply(&net_vmi_yaml(
+            "receiver",
+            "scenario=net-recv ip=10.250.0.10 count=200 seconds=60",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = node.wait_phase("receiver", "Running");
+    let iface = &b["status"]["interfaces"][0];
+    assert_eq!(str_at(iface, "/name"), "vmnet", "{iface}");
+    assert_eq!(str_at(iface, "/ipAddress"), "10.250.0.10", "{iface}");
+    let mac = str_at(iface, "/mac").to_owned();
+    assert_eq!(mac.len(), 17, "{iface}");
+    node.ns
+        .apply(&net_vmi_yaml(
+            "sender",
+            &format!(
+                "scenario=net-send ip=10.250.0.11 dst_ip=10.250.0.10 dst_mac={mac} count=200 size=256 wait_ms=200"
+            ),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let a = node.wait_phase("sender", "Running");
+    assert_eq!(
+        str_at(&a["status"]["interfaces"][0], "/ipAddress"),
+        "10.250.0.11"
+    );
+    node.wait_phase("receiver", "Succeeded");
+    let log = node
+        .ns
+        .kubectl(&["logs", "virt-launcher-receiver"])
+        .unwrap_or_default();
+    assert!(log.contains("good=200 bad=0"), "receiver log:\n{log}");
+    assert!(
+        log.contains("testguest: PASS net-recv"),
+        "receiver log:\n{log}"
+    );
+    node.wait_phase("sender", "Succeeded");
+    let uid = str_at(&b, "/metadata/uid").to_owned();
+    node.ns
+        .kubectl(&["delete", "vmi", "--all", "--wait=true", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_node_clean(&uid, &Value::Null);
+    drop(node);
+    // The pods are gone: CNI DEL removed the TAPs and their endpoints.
+    let records = std::fs::read_dir(net.state.join("cni"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|n| std::fs::read_dir(n.path()).into_iter().flatten().flatten())
+                .filter(|f| f.path().extension().is_some_and(|e| e == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(records, 0, "CNI records left");
+}
