@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod blk_pattern;
 pub mod bzimage;
+pub mod fake_sysfs;
 pub mod ferrovirt_k8s;
 pub mod frames;
 pub mod http;
