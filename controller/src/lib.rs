@@ -1,6 +1,7 @@
 //! ferrovirt's cluster side: the CRDs, the controller that turns VirtualMachines into
 //! VirtualMachineInstances and launcher pods, and the library behind `fvctl`.
 
+pub mod agent;
 pub mod cli;
 pub mod controllers;
 pub mod crd;
