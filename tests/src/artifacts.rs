@@ -134,6 +134,21 @@ pub fn try_controller_binary() -> Result<PathBuf, ArtifactError> {
     .clone()
 }
 
+/// Returns the node agent: `$FERROVIRT_AGENT` if set, else a release build made once per
+/// process.
+pub fn try_agent_binary() -> Result<PathBuf, ArtifactError> {
+    static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_release_binary(
+            "FERROVIRT_AGENT",
+            "ferrovirt-controller",
+            "ferrovirt-agent",
+            "controller",
+        )
+    })
+    .clone()
+}
+
 /// Returns fvctl: `$FERROVIRT_FVCTL` if set, else a release build made once per process.
 pub fn try_fvctl_binary() -> Result<PathBuf, ArtifactError> {
     static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
