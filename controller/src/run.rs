@@ -115,12 +115,13 @@ fn identity(settings: &Settings) -> String {
     })
 }
 
-async fn run(settings: Settings) -> Result<(), Error> {
+/// A flag that turns true at the first SIGTERM or SIGINT (the graceful stop of the controller
+/// and the agent). Must be called inside the runtime.
+pub fn stop_on_signals() -> Result<watch::Receiver<bool>, std::io::Error> {
+    use tokio::signal::unix::{SignalKind, signal};
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(Error::Signal)?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(Error::Signal)?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -129,6 +130,11 @@ async fn run(settings: Settings) -> Result<(), Error> {
         tracing::info!("stopping");
         let _ = stop_tx.send(true);
     });
+    Ok(stop_rx)
+}
+
+async fn run(settings: Settings) -> Result<(), Error> {
+    let stop_rx = stop_on_signals().map_err(Error::Signal)?;
 
     let health = Arc::new(Health::default());
     let config = kube::Config::infer()

@@ -13,6 +13,9 @@
 #                               eval "$(tests/k8s/cluster.sh up)"
 #   cluster.sh down [STATE]     stop the cluster of STATE (default $FERROVIRT_K8S_STATE) and
 #                               remove everything it created
+#   cluster.sh restart-kubelet [STATE]
+#                               stop the cluster's kubelet and start it again the same way (for
+#                               tests of what survives a kubelet restart, e.g. device plugins)
 #
 # CMD (and the lines `up` prints) get:
 #   KUBECONFIG                 admin kubeconfig (system:masters)
@@ -416,6 +419,12 @@ evictionHard:
   imagefs.available: 1%
   nodefs.inodesFree: 1%
 EOF
+    launch_kubelet
+}
+
+# launch_kubelet: starts kubelet with the config start_kubelet wrote (also after a restart).
+launch_kubelet() {
+    local kl=$STATE/kubelet
     # kubelet serves device-plugin registration at a fixed path, /var/lib/kubelet/device-plugins
     # (and empties that directory when it starts), so it runs in a mount namespace of its own
     # where that path is the run's $DEVICE_PLUGIN_DIR: clusters side by side do not take each
@@ -690,6 +699,34 @@ cluster_down() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# restart-kubelet
+
+# restart_kubelet [STATE]: stops kubelet by its pid and starts it again as `up` did (same config,
+# certificates and mount namespace setup); returns once the new kubelet serves device-plugin
+# registration. Pods keep running; kubelet empties the device-plugin directory as it starts.
+restart_kubelet() {
+    local old_log
+    STATE=${1:-${FERROVIRT_K8S_STATE:-}}
+    [ -n "$STATE" ] || die "restart-kubelet: give the state directory or set FERROVIRT_K8S_STATE"
+    [ -f "$STATE/run" ] || die "restart-kubelet: $STATE is not a cluster state directory (no $STATE/run)"
+    [ -f "$STATE/pids/kubelet" ] || die "restart-kubelet: no kubelet pid in $STATE/pids (is the cluster up?)"
+    STATE_ROOT=$(dirname "$STATE")
+    # shellcheck source=/dev/null
+    . "$STATE/run"
+    name_run
+    stop_processes kubelet
+    # The old kubelet's socket, if it left one: what appears after this is the new kubelet's
+    # (an inode number can be reused, so comparing them would not tell).
+    rm -f "$DEVICE_PLUGIN_DIR/kubelet.sock"
+    # Keep the old log beside the new one.
+    old_log=$STATE/logs/kubelet.$(date +%s%N).log
+    mv "$STATE/logs/kubelet.log" "$old_log"
+    launch_kubelet
+    wait_until kubelet "the new kubelet's $DEVICE_PLUGIN_DIR/kubelet.sock" test -S "$DEVICE_PLUGIN_DIR/kubelet.sock"
+    log "kubelet restarted (previous log: $old_log)"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 case "${1:-}" in
 up)
@@ -723,7 +760,11 @@ run)
     log "command exited with status $status"
     exit $status
     ;;
+restart-kubelet)
+    [ $# -le 2 ] || die "usage: cluster.sh restart-kubelet [STATE]"
+    restart_kubelet "${2:-}"
+    ;;
 *)
-    die "usage: cluster.sh up | down [STATE] | run -- CMD..."
+    die "usage: cluster.sh up | down [STATE] | run -- CMD... | restart-kubelet [STATE]"
     ;;
 esac

@@ -13,8 +13,7 @@ use std::sync::OnceLock;
 
 use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
 use crate::{
-    GuardedProcess, ScratchDir, repo_root, try_agent_binary, try_controller_binary, try_testguest,
-    try_vhost_blk_binary, try_vhost_net_binary, try_vmm_binary,
+    GuardedProcess, ScratchDir, repo_root, try_controller_binary, try_testguest, try_vmm_binary,
 };
 
 /// The stand-in launcher image.
@@ -134,60 +133,6 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, String> {
                 .map(PathBuf::from)
         })
         .collect())
-}
-
-/// A `ferrovirt-agent` for the harness node, as ServiceAccount `ferrovirt/ferrovirt-agent`,
-/// running the release backends. Dropping it stops it (SIGTERM; its VMs keep running).
-pub struct AgentProcess {
-    pub process: GuardedProcess,
-    _kubeconfig: ServiceAccountKubeconfig,
-    dir: ScratchDir,
-}
-
-impl AgentProcess {
-    /// Starts it with `extra` flags appended.
-    pub fn start(cluster: &Cluster, extra: &[&str]) -> Result<AgentProcess, String> {
-        let binary = try_agent_binary().map_err(|e| e.to_string())?;
-        let backends = [try_vhost_blk_binary(), try_vhost_net_binary()];
-        let bin_dir = backends[0]
-            .as_ref()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        if let Some(Err(e)) = backends.iter().find(|b| b.is_err()) {
-            return Err(e.to_string());
-        }
-        let kubeconfig = cluster
-            .service_account_kubeconfig("ferrovirt", "ferrovirt-agent")
-            .map_err(|e| e.to_string())?;
-        let dir = ScratchDir::new("agent").map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(binary);
-        cmd.env("KUBECONFIG", kubeconfig.path())
-            .args(["--node-name", "localhost", "--bin-dir"])
-            .arg(bin_dir)
-            .args(extra);
-        let process = GuardedProcess::spawn(cmd, &dir.join("stdout"), &dir.join("stderr"))
-            .map_err(|e| e.to_string())?;
-        Ok(AgentProcess {
-            process,
-            _kubeconfig: kubeconfig,
-            dir,
-        })
-    }
-
-    /// Its log so far.
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("agent stderr:\n{}", self.stderr());
-        }
-    }
 }
 
 /// A `ferrovirt-controller run` watching one namespace, as ServiceAccount

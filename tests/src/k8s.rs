@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::artifacts::repo_root;
 use crate::names::unique_name;
 use crate::process::{ProcessError, ScratchDir};
 
@@ -151,6 +152,15 @@ impl Cluster {
     /// What the kubelet sees as `/var/lib/kubelet/device-plugins` (its `kubelet.sock` is here).
     pub fn device_plugin_dir(&self) -> &Path {
         &self.device_plugin_dir
+    }
+
+    /// Stops the node's kubelet and starts it again as `cluster.sh up` did
+    /// (`cluster.sh restart-kubelet`); returns once the new kubelet serves device-plugin
+    /// registration. Pods keep running.
+    pub fn restart_kubelet(&self) -> Result<(), K8sError> {
+        let mut cmd = Command::new(repo_root().join("tests/k8s/cluster.sh"));
+        cmd.arg("restart-kubelet").arg(&self.state);
+        check(run_command(cmd, None)?, "cluster.sh restart-kubelet").map(drop)
     }
 
     /// `kubectl ARGS` with the admin kubeconfig; its stdout, or an error with its stderr.

@@ -2,9 +2,11 @@
 //! the VMM, runs VMM processes under guards that leave nothing behind, talks to their REST API,
 //! fetches a real Debian kernel, and names kernel objects uniquely.
 
+pub mod agent;
 pub mod artifacts;
 pub mod blk_pattern;
 pub mod bzimage;
+pub mod fake_sysfs;
 pub mod ferrovirt_k8s;
 pub mod frames;
 pub mod http;

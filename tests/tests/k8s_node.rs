@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use ferrovirt_tests::ferrovirt_k8s::{
-    self, AgentProcess, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at,
-};
+use ferrovirt_tests::agent::AgentProcess;
+use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at};
 use ferrovirt_tests::k8s::{Cluster, Namespace, wait_for};
 use ferrovirt_tests::{ScratchDir, blk_pattern};
 use serde_json::Value;
@@ -84,9 +83,7 @@ impl Node {
 }
 
 fn agent(cluster: &Cluster) -> AgentProcess {
-    let plugins = cluster.device_plugin_dir().display().to_string();
-    let _ = plugins;
-    AgentProcess::start(cluster, &[]).unwrap_or_else(|e| panic!("{e}"))
+    AgentProcess::start_as_service_account(cluster, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A VMI of the test guest with `kernel_args` and one disk backed by `volume` (a YAML flow
@@ -433,17 +430,9 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
         &["--no-leader-elect", "--vm-runtime-class", "ferrovirt"],
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let plugins = cluster.device_plugin_dir().display().to_string();
-    let agent = AgentProcess::start(
-        cluster,
-        &[
-            "--device-plugin-dir",
-            &plugins,
-            "--cni-state-dir",
-            &net.cni_state_dir(),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let agent =
+        AgentProcess::start_as_service_account(cluster, &["--cni-state-dir", &net.cni_state_dir()])
+            .unwrap_or_else(|e| panic!("{e}"));
     let node = Node {
         ns,
         agent: Some(agent),

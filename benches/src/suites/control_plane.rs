@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ferrovirt_tests::ScratchDir;
+use ferrovirt_tests::agent::AgentProcess;
 use ferrovirt_tests::ferrovirt_k8s::{
-    self, AgentProcess, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, LAUNCHER_IMAGE,
+    self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, LAUNCHER_IMAGE,
 };
 use ferrovirt_tests::k8s::{Cluster, Namespace};
 use serde_json::Value;
@@ -323,9 +324,7 @@ fn vm_overhead_mib(uid: &str) -> anyhow::Result<f64> {
 
 fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
     let ns = cluster.namespace("cpb-node")?;
-    let plugins = cluster.device_plugin_dir().display().to_string();
-    let agent =
-        AgentProcess::start(cluster, &["--device-plugin-dir", &plugins]).map_err(|e| anyhow!(e))?;
+    let agent = AgentProcess::start_as_service_account(cluster, &[]).map_err(|e| anyhow!(e))?;
     let controller = ControllerProcess::start_with_launcher(
         &ns,
         FERROVIRT_LAUNCHER_IMAGE,

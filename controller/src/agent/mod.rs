@@ -1,4 +1,5 @@
-//! `ferrovirt-agent`, the per-node agent (virt-handler's job): for every launcher pod on its
+//! `ferrovirt-agent`, the per-node agent (virt-handler's job). It serves kubelet's device-plugin
+//! API for `/dev/kvm` and SR-IOV VFs ([`device_plugin`]), and for every launcher pod on its
 //! node it starts the VMI's backends inside the pod's cgroups, hands the launcher's VMM its
 //! configuration and boots the VM, reports the VMI `Running` with its interfaces, and removes
 //! every backend and socket when the pod ends. It keeps what it started in the VMI's host
@@ -9,6 +10,8 @@
 //! and `AgentConnected` conditions, or a `Synchronized=False` condition saying why a VMI could
 //! not be started (after which it stops the VMM, so the pod and the VMI fail).
 
+pub mod cli;
+pub mod device_plugin;
 pub mod launch;
 pub mod vmm_api;
 
