@@ -39,7 +39,7 @@ cargo test --workspace
 # cache outside the tree; cluster.sh starts a one-node cluster around the test binaries and
 # removes it afterwards, also when they fail. Add a suite that needs the cluster here (a
 # [[test]] of ferrovirt-tests with required-features = ["k8s"]).
-K8S_TESTS=(k8s_harness k8s_controller k8s_device_plugin)
+K8S_TESTS=(k8s_harness k8s_controller k8s_device_plugin k8s_node)
 step "build the test Kubernetes"
 tests/k8s/build.sh
 step "cargo clippy (k8s tests)"
