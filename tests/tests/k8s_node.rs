@@ -493,3 +493,93 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
         .unwrap_or(0);
     assert_eq!(records, 0, "CNI records left");
 }
+
+#[test]
+fn a_killed_disk_backend_is_started_again_and_the_vm_keeps_running() {
+    let node = Node::start("node-respawn");
+    node.ns
+        .apply(&vmi_yaml(
+            "steady",
+            "scenario=idle",
+            "emptyDisk: {capacity: 8Mi}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("steady", "Running");
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    let before = agent_record(&uid).expect("record");
+    let old = backend_pids(&before)[0];
+    let vmm = before["vmm_pid"].as_i64().unwrap_or(-1) as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let after = wait_for("the disk backend to be started again", WAIT, || {
+        let record = agent_record(&uid).ok_or("no record")?;
+        match backend_pids(&record).first() {
+            Some(&pid) if pid != old && alive(pid) => Ok(record),
+            _ => Err(format!("{record}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(alive(vmm), "the VMM {vmm} died with its backend");
+    assert_eq!(after["vmm_pid"], before["vmm_pid"]);
+    // The VMM reconnected to the new backend (its counters, through its API socket).
+    let api = Path::new(VMIS_DIR).join(&uid).join("vmm.sock");
+    wait_for("the VMM to reconnect", WAIT, || {
+        let counters = ferrovirt_tests::http::request(
+            &api,
+            "GET",
+            "/api/v1/vm.counters",
+            None,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| e.to_string())?;
+        let json: Value = serde_json::from_str(&counters.body).map_err(|e| e.to_string())?;
+        if json["disk0"]["reconnects"].as_u64() >= Some(1) {
+            Ok(())
+        } else {
+            Err(counters.body)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        str_at(&node.vmi("steady").unwrap_or_default(), "/status/phase"),
+        "Running"
+    );
+    node.ns
+        .kubectl(&["delete", "vmi", "steady", "--wait=true", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_node_clean(&uid, &after);
+}
+
+#[test]
+fn deleting_the_launcher_pod_by_hand_fails_the_vmi_and_cleans_the_node() {
+    let node = Node::start("node-podgone");
+    node.ns
+        .apply(&vmi_yaml(
+            "orphan",
+            "scenario=idle",
+            "emptyDisk: {capacity: 8Mi}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("orphan", "Running");
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    let record = agent_record(&uid).expect("record");
+    node.ns
+        .kubectl(&[
+            "delete",
+            "pod",
+            "virt-launcher-orphan",
+            "--wait=true",
+            "--timeout=90s",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_vmi("orphan", "VMI orphan to end", |v| {
+        matches!(str_at(v, "/status/phase"), "Failed" | "Succeeded")
+    });
+    assert!(!str_at(&v, "/status/reason").is_empty(), "{v}");
+    assert_node_clean(&uid, &record);
+    let vmm = record["vmm_pid"].as_i64().unwrap_or(-1) as i32;
+    assert!(!alive(vmm), "the VMM {vmm} outlived its pod");
+}

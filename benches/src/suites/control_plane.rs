@@ -10,8 +10,10 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -52,15 +54,27 @@ fn pod_yaml(name: &str) -> String {
     )
 }
 
-/// Watches `kind` in `ns` and sends (name, when) the first time `done` holds for an object.
-fn watch(
-    cluster: &Cluster,
-    ns: &str,
-    kind: &str,
-    done: fn(&Value) -> bool,
-    log: &std::path::Path,
-) -> anyhow::Result<(Child, mpsc::Receiver<(String, Instant)>)> {
-    let mut child = Command::new(cluster.binary("kubectl"))
+/// A `kubectl get --watch` that is started again when it ends early (the API server may close
+/// a watch; the new one lists every object again, and objects already reported are skipped).
+struct Watch {
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<Child>>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(mut child) = self.child.lock()
+            && let Some(mut c) = child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_watch(cluster: &Cluster, ns: &str, kind: &str, log: &Path) -> anyhow::Result<Child> {
+    Command::new(cluster.binary("kubectl"))
         .env("KUBECONFIG", cluster.kubeconfig())
         .args([
             "-n",
@@ -73,26 +87,77 @@ fn watch(
             "--output-watch-events",
         ])
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log)?)
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?,
+        )
         .spawn()
-        .context("kubectl get --watch")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        .context("kubectl get --watch")
+}
+
+/// Watches `kind` in `ns` and sends (name, when) the first time `done` holds for an object.
+fn watch(
+    cluster: &Cluster,
+    ns: &str,
+    kind: &str,
+    done: fn(&Value) -> bool,
+    log: &Path,
+) -> anyhow::Result<(Watch, mpsc::Receiver<(String, Instant)>)> {
+    let first = spawn_watch(cluster, ns, kind, log)?;
     let (tx, rx) = mpsc::channel();
+    let handle = Watch {
+        stop: Arc::new(AtomicBool::new(false)),
+        child: Arc::new(Mutex::new(Some(first))),
+    };
+    let (stop, shared) = (handle.stop.clone(), handle.child.clone());
+    let (cluster, ns, kind, log) = (
+        cluster.clone(),
+        ns.to_owned(),
+        kind.to_owned(),
+        log.to_owned(),
+    );
     std::thread::spawn(move || {
         let mut seen = std::collections::HashSet::new();
-        for event in
-            serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>()
-        {
-            let Ok(event) = event else { break };
-            let object = &event["object"];
-            let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
-            if done(object) && seen.insert(name.clone()) && tx.send((name, Instant::now())).is_err()
+        loop {
+            let stdout = shared
+                .lock()
+                .ok()
+                .and_then(|mut c| c.as_mut().and_then(|c| c.stdout.take()));
+            let Some(stdout) = stdout else { return };
+            for event in
+                serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<Value>()
             {
-                break;
+                let Ok(event) = event else { break };
+                let object = &event["object"];
+                let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                if done(object)
+                    && seen.insert(name.clone())
+                    && tx.send((name, Instant::now())).is_err()
+                {
+                    return;
+                }
+            }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let note = "\nthe watch ended early; starting it again\n";
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .and_then(|mut f| f.write_all(note.as_bytes()));
+            let Ok(next) = spawn_watch(&cluster, &ns, &kind, &log) else {
+                return;
+            };
+            if let Ok(mut c) = shared.lock()
+                && let Some(mut old) = c.replace(next)
+            {
+                let _ = old.wait();
             }
         }
     });
-    Ok((child, rx))
+    Ok((handle, rx))
 }
 
 /// A VMI of the test guest idling on the VMM's guest-idle port, with one empty disk served by
@@ -129,7 +194,7 @@ fn create_and_time(
 ) -> anyhow::Result<Vec<f64>> {
     let scratch = ScratchDir::new("cp-bench")?;
     let watch_log = scratch.join("watch.stderr");
-    let (mut watcher, events) = watch(cluster, ns.name(), kind, done, &watch_log)?;
+    let (watcher, events) = watch(cluster, ns.name(), kind, done, &watch_log)?;
     std::thread::sleep(Duration::from_millis(500));
     let mut created: HashMap<String, Instant> = HashMap::new();
     let mut creators = Vec::new();
@@ -188,8 +253,7 @@ fn create_and_time(
             latencies.push(at.duration_since(*t0).as_secs_f64());
         }
     }
-    let _ = watcher.kill();
-    let _ = watcher.wait();
+    drop(watcher);
     Ok(latencies)
 }
 
@@ -255,8 +319,13 @@ fn ferrovirt_round(cluster: &Cluster) -> anyhow::Result<FerrovirtRun> {
     let ns = cluster.namespace("cpb-vmi")?;
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
-    let controller = ControllerProcess::start(&ns, &["--no-leader-elect", "--listen", &listen])
-        .map_err(|e| anyhow!(e))?;
+    // The stand-in launcher needs no /dev/kvm: no device-plugin resource (the node's kvm
+    // devices exist only while an agent runs).
+    let controller = ControllerProcess::start(
+        &ns,
+        &["--no-leader-elect", "--listen", &listen, "--kvm-resource="],
+    )
+    .map_err(|e| anyhow!(e))?;
     let pid = controller.process.pid();
     let ready = Instant::now();
     while scrape(port, "ferrovirt_controller_api_requests_total").is_err() {

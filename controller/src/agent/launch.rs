@@ -48,6 +48,9 @@ pub struct Started {
     pub vmm_pid: i32,
     /// Backend name → pid.
     pub backends: BTreeMap<String, i32>,
+    /// Backend name → its command line, to start it again if it dies (the VMM reconnects).
+    #[serde(default)]
+    pub commands: BTreeMap<String, Vec<String>>,
     pub interfaces: Vec<InterfaceStatus>,
 }
 
@@ -297,6 +300,7 @@ impl Launch<'_> {
         let mut started = Started {
             vmm_pid,
             backends: BTreeMap::new(),
+            commands: BTreeMap::new(),
             interfaces: interface_status(&plan, &records),
         };
         let spawned = self.spawn_backends(&plan, vmm_pid, &mut started, children);
@@ -332,27 +336,90 @@ impl Launch<'_> {
                 &net.socket,
             ));
         }
-        for (name, mut cmd, socket) in commands {
-            let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
-                .map_err(|e| Error::State(self.dir.join(format!("{name}.log")), e))?;
-            cmd.stdout(
-                log.try_clone()
-                    .map_err(|e| Error::State(self.dir.into(), e))?,
-            )
-            .stderr(log);
-            let child = process::spawn_listening(&name, cmd, socket, BACKEND_START, |pid| {
-                if let Err(e) = join_pod_cgroups(pid, vmm_pid) {
-                    tracing::warn!(backend = %name, "cannot move into the pod's cgroups: {e}");
-                }
-            });
-            let child = child?;
-            started.backends.insert(name, child.id() as i32);
-            if let Ok(mut list) = children.lock() {
-                list.push(child);
-            }
+        for (name, cmd, socket) in commands {
+            let argv: Vec<String> = std::iter::once(cmd.get_program())
+                .chain(cmd.get_args())
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            started.commands.insert(name.clone(), argv);
+            let pid = spawn_backend(self.dir, &name, cmd, socket, vmm_pid, children)?;
+            started.backends.insert(name, pid);
         }
         Ok(())
     }
+}
+
+/// Starts one backend with its output in `<dir>/<name>.log`, in the cgroups of the pod of
+/// `vmm_pid`; waits until it listens on `socket`. Its pid.
+fn spawn_backend(
+    dir: &Path,
+    name: &str,
+    mut cmd: std::process::Command,
+    socket: &Path,
+    vmm_pid: i32,
+    children: &Children,
+) -> Result<i32, Error> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::State(log_path.clone(), e))?;
+    let err = log.try_clone().map_err(|e| Error::State(log_path, e))?;
+    cmd.stdout(log).stderr(err);
+    let child = process::spawn_listening(name, cmd, socket, BACKEND_START, |pid| {
+        if let Err(e) = join_pod_cgroups(pid, vmm_pid) {
+            tracing::warn!(backend = %name, "cannot move into the pod's cgroups: {e}");
+        }
+    })?;
+    let pid = child.id() as i32;
+    if let Ok(mut list) = children.lock() {
+        list.push(child);
+    }
+    Ok(pid)
+}
+
+/// Starts again every backend of a running VMI that has died (the VMM reconnects to the new
+/// one and the guest's I/O goes on); how many.
+pub fn respawn_dead_backends(dir: &Path, children: &Children) -> Result<usize, Error> {
+    let Some(mut started) = Started::load(dir) else {
+        return Ok(0);
+    };
+    if !started.vmm_alive(dir) {
+        return Ok(0);
+    }
+    let mut respawned = 0;
+    for (name, argv) in started.commands.clone() {
+        let pid = started.backends.get(&name).copied().unwrap_or(0);
+        if alive_with(pid, "ferrovirt-vhost", dir) {
+            continue;
+        }
+        let Some((program, args)) = argv.split_first() else {
+            continue;
+        };
+        let Some(socket) = args
+            .iter()
+            .position(|a| a == "--socket")
+            .and_then(|i| args.get(i + 1))
+        else {
+            continue;
+        };
+        tracing::warn!(backend = %name, pid, dir = %dir.display(), "backend died; starting it again");
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        let pid = spawn_backend(
+            dir,
+            &name,
+            cmd,
+            Path::new(socket),
+            started.vmm_pid,
+            children,
+        )?;
+        started.backends.insert(name, pid);
+        started.save(dir)?;
+        respawned += 1;
+    }
+    Ok(respawned)
 }
 
 /// How long a backend gets to start listening.

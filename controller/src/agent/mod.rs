@@ -105,6 +105,12 @@ pub async fn run(
 }
 
 fn error_policy(pod: Arc<Pod>, error: &Error, _: Arc<Ctx>) -> Action {
+    if let Error::Status(e) = error
+        && e.is_conflict()
+    {
+        // The controller wrote the VMI since we read it: read it again and retry at once.
+        return Action::requeue(Duration::from_millis(50));
+    }
     tracing::warn!(pod = %pod.name_any(), "{error}");
     Action::requeue(Duration::from_secs(2))
 }
@@ -182,8 +188,14 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
 async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result<Action, Error> {
     if !dir.join(launch::API_SOCKET).exists() {
-        // The VMM is starting up; it creates its socket within milliseconds.
-        return Ok(Action::requeue(Duration::from_millis(100)));
+        // The VMM is starting up; it creates its socket within milliseconds of the container
+        // starting. A container that has run for a while without one is not our launcher:
+        // look again only now and then.
+        let young = container_started(pod)
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < Duration::from_secs(10));
+        let wait = if young { 100 } else { 5000 };
+        return Ok(Action::requeue(Duration::from_millis(wait)));
     }
     let Some(vmi) = vmi_of(ctx, pod)
         .await?
@@ -216,6 +228,25 @@ async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result
             Ok(Action::await_change())
         }
     }
+}
+
+/// When the compute container started running.
+fn container_started(pod: &Pod) -> Option<std::time::SystemTime> {
+    let started = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == COMPUTE)?
+        .state
+        .as_ref()?
+        .running
+        .as_ref()?
+        .started_at
+        .as_ref()?;
+    let since_epoch = u64::try_from(started.0.as_second()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(since_epoch))
 }
 
 async fn vmi_of(ctx: &Ctx, pod: &Pod) -> Result<Option<VirtualMachineInstance>, Error> {
@@ -290,7 +321,14 @@ async fn report_running(
     }
     let api: Api<VirtualMachineInstance> =
         Api::namespaced(ctx.client.clone(), &vmi.namespace().unwrap_or_default());
-    apply_status_as(&api, vmi, &status, MANAGER).await?;
+    apply_status_as(
+        &api,
+        vmi,
+        &status,
+        MANAGER,
+        vmi.resource_version().as_deref(),
+    )
+    .await?;
     if let Some(uid) = vmi.uid()
         && let Ok(mut r) = ctx.reported.lock()
     {
@@ -310,14 +348,15 @@ async fn report_failure(ctx: &Ctx, vmi: &VirtualMachineInstance, why: &str) -> R
     status.reason = Some(why.to_owned());
     let api: Api<VirtualMachineInstance> =
         Api::namespaced(ctx.client.clone(), &vmi.namespace().unwrap_or_default());
-    apply_status_as(&api, vmi, &status, MANAGER).await?;
+    apply_status_as(&api, vmi, &status, MANAGER, None).await?;
     Ok(())
 }
 
 /// How old a VMI directory with nothing started in it must be before the sweep removes it.
 const UNSTARTED_GRACE: Duration = Duration::from_secs(300);
 
-/// Every 2 s: reaps ended backends and tears down VMI directories whose launcher pod is gone
+/// Every 2 s: reaps ended backends, starts dead backends of running VMs again, and tears down
+/// VMI directories whose launcher pod is gone
 /// (deleted while the agent was away, or whose last event the controller dropped).
 async fn sweep(store: Store<Pod>, ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -340,6 +379,13 @@ async fn sweep(store: Store<Pod>, ctx: Arc<Ctx>) {
         for entry in entries.flatten() {
             let uid = entry.file_name().to_string_lossy().into_owned();
             if live.contains(&uid) {
+                let dir = entry.path();
+                let respawned = tokio::task::block_in_place(|| {
+                    launch::respawn_dead_backends(&dir, &ctx.children)
+                });
+                if let Err(e) = respawned {
+                    tracing::warn!(vmi = %uid, "cannot restart a backend: {e}");
+                }
                 continue;
             }
             let dir = entry.path();

@@ -46,6 +46,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// The API server refused a write made against an older version of the object.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
+    }
+
     /// A short label for the errors metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -103,13 +108,13 @@ pub fn now() -> Time {
     Time(Timestamp::now())
 }
 
-/// Adds [`FINALIZER`] to `obj` unless it has it.
-pub async fn ensure_finalizer<K>(api: &Api<K>, obj: &K) -> Result<(), Error>
+/// Adds [`FINALIZER`] to `obj` unless it has it; the object's new resourceVersion when it did.
+pub async fn ensure_finalizer<K>(api: &Api<K>, obj: &K) -> Result<Option<String>, Error>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
     if obj.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+        return Ok(None);
     }
     let patch = if obj.finalizers().is_empty() {
         json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
@@ -118,13 +123,14 @@ where
     };
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(|e| Error::Patch(e.to_string()))?;
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(patch),
-    )
-    .await?;
-    Ok(())
+    let patched = api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+    Ok(patched.resource_version())
 }
 
 /// Removes [`FINALIZER`] from `obj` (guarded by its resourceVersion: a stale copy fails and is retried).
@@ -161,25 +167,32 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    apply_status_as(api, obj, status, MANAGER).await
+    apply_status_as(api, obj, status, MANAGER, None).await
 }
 
-/// Server-side applies `status` to `obj`'s status subresource under `manager`.
+/// Server-side applies `status` to `obj`'s status subresource under `manager`. With
+/// `resource_version`, only if the object is still at that version (else a 409 conflict), so
+/// a status computed from what the controller read never overwrites what the node agent wrote
+/// in between.
 pub async fn apply_status_as<K, S>(
     api: &Api<K>,
     obj: &K,
     status: &S,
     manager: &str,
+    resource_version: Option<&str>,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let body = json!({
+    let mut body = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        body["metadata"] = json!({ "resourceVersion": rv });
+    }
     api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(manager).force(),

@@ -15,8 +15,8 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::{
-    Context, Error, MANAGER, apply_status, controlled_by, ensure_finalizer, measured, namespace,
-    now, remove_finalizer,
+    Context, Error, MANAGER, apply_status, apply_status_as, controlled_by, ensure_finalizer,
+    measured, namespace, now, remove_finalizer,
 };
 use crate::crd::VirtualMachineInstance;
 use crate::crd::status::{
@@ -133,7 +133,9 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
     if vmi.meta().deletion_timestamp.is_some() {
         return cleanup(vmi, ctx, &vmis, &pods, found).await;
     }
-    ensure_finalizer(&vmis, vmi).await?;
+    let resource_version = ensure_finalizer(&vmis, vmi)
+        .await?
+        .or_else(|| vmi.resource_version());
 
     // A pod of that name from an earlier VMI of the same name: remove it first.
     if let Some(pod) = found
@@ -267,7 +269,11 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
         .await;
     }
     if Some(&status) != vmi.status.as_ref() {
-        apply_status(&vmis, vmi, &status).await?;
+        // Guarded by the version read: the agent may have written Running meanwhile.
+        match apply_status_as(&vmis, vmi, &status, MANAGER, resource_version.as_deref()).await {
+            Err(e) if e.is_conflict() => return Ok(Action::requeue(Duration::from_millis(50))),
+            other => other?,
+        }
     }
     Ok(match phase {
         p if p.is_final() => Action::await_change(),
