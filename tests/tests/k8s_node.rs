@@ -86,9 +86,9 @@ fn agent(cluster: &Cluster) -> AgentProcess {
     AgentProcess::start_as_service_account(cluster, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A VMI of the test guest with `kernel_args` and one disk backed by `volume` (a YAML flow
-/// map of the volume source).
-fn vmi_yaml(name: &str, kernel_args: &str, volume: &str) -> String {
+/// A VMI of the test guest with `kernel_args`, `devices` (a YAML flow map) and the rest of
+/// its spec (`extra`, indented two spaces).
+fn test_guest_vmi(name: &str, kernel_args: &str, devices: &str, extra: &str) -> String {
     format!(
         r#"apiVersion: ferrovirt.io/v1alpha1
 kind: VirtualMachineInstance
@@ -101,10 +101,19 @@ spec:
       kernelBoot:
         kernelArgs: {kernel_args}
         container: {{kernelPath: /usr/share/ferrovirt/testguest}}
-    devices:
-      disks: [{{name: data, serial: {name}}}]
-  volumes: [{{name: data, {volume}}}]
-"#
+    devices: {devices}
+{extra}"#
+    )
+}
+
+/// A VMI of the test guest with one disk backed by `volume` (a YAML flow map of the volume
+/// source).
+fn vmi_yaml(name: &str, kernel_args: &str, volume: &str) -> String {
+    test_guest_vmi(
+        name,
+        kernel_args,
+        &format!("{{disks: [{{name: data, serial: {name}}}]}}"),
+        &format!("  volumes: [{{name: data, {volume}}}]\n"),
     )
 }
 
@@ -396,23 +405,13 @@ impl Drop for VmNetwork {
     }
 }
 
+/// A VMI of the test guest with one vhost-user interface on the VM network.
 fn net_vmi_yaml(name: &str, kernel_args: &str) -> String {
-    format!(
-        r#"apiVersion: ferrovirt.io/v1alpha1
-kind: VirtualMachineInstance
-metadata: {{name: {name}}}
-spec:
-  terminationGracePeriodSeconds: 5
-  domain:
-    memory: {{guest: 16Mi}}
-    firmware:
-      kernelBoot:
-        kernelArgs: {kernel_args}
-        container: {{kernelPath: /usr/share/ferrovirt/testguest}}
-    devices:
-      interfaces: [{{name: vmnet, binding: {{name: vhostuser}}}}]
-  networks: [{{name: vmnet, pod: {{}}}}]
-"#
+    test_guest_vmi(
+        name,
+        kernel_args,
+        "{interfaces: [{name: vmnet, binding: {name: vhostuser}}]}",
+        "  networks: [{name: vmnet, pod: {}}]\n",
     )
 }
 

@@ -505,7 +505,7 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         ],
         notes: vec![
             format!("{OBJECTS} objects per side per round, one `kubectl create` each, started {} ms apart; times from the create's start to the watch event that shows the state (client clock)", SPACING.as_millis()),
-            "ferrovirt: VirtualMachineInstance creation → status.phase Scheduled (its launcher pod runs on the node; the launcher is a busybox stand-in until the node issue's VMM launcher); the controller runs as its ServiceAccount with leader election off".into(),
+            "ferrovirt: VirtualMachineInstance creation → status.phase Scheduled (its launcher pod runs on the node; a busybox stand-in launcher, so this row times the controller alone); the controller runs as its ServiceAccount with leader election off".into(),
             "peer: Pod creation → Ready condition, the same image, restart policy and terminal; the floor that the scheduler, kubelet and containerd set on this one-node harness".into(),
             "controller-cpu-s, controller-rss-mib, api-requests-per-vmi: the controller process over the ferrovirt side of a round (CPU from /proc/PID/stat, VmHWM, its client's request counter on /metrics); the peer has no controller, so its column is 0 and the ratio null".into(),
             "running-p50/p95 (ferrovirt side): VirtualMachineInstance creation → status.phase Running with the real launcher image (ferrovirt-vmm waiting on its API socket), ferrovirt-agent (device plugin, one ferrovirt-vhost-blk per VM in the pod's cgroups, VM created and booted through the API) and the test guest idling (scenario=idle); peer side: the same round's plain pods".into(),

@@ -273,17 +273,7 @@ fn forget(ctx: &Ctx, uid: &str) {
 
 /// The agent's part of a VMI's status, starting from what is there now.
 fn agent_status(vmi: &VirtualMachineInstance) -> VirtualMachineInstanceStatus {
-    let old = vmi.status.clone().unwrap_or_default();
-    VirtualMachineInstanceStatus {
-        phase: old.phase,
-        phase_transition_timestamps: old.phase_transition_timestamps,
-        conditions: old
-            .conditions
-            .into_iter()
-            .filter(|c| matches!(c.type_.as_str(), "Ready" | "AgentConnected"))
-            .collect(),
-        ..Default::default()
-    }
+    VirtualMachineInstanceStatus::shared_part(vmi, &["Ready", "AgentConnected"])
 }
 
 async fn report_running(
@@ -365,9 +355,8 @@ async fn sweep(store: Store<Pod>, ctx: Arc<Ctx>) {
         if let Ok(mut children) = ctx.children.lock() {
             children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         }
-        if store.wait_until_ready().await.is_err() {
-            continue;
-        }
+        // Not `wait_until_ready`: the controller's store never reports ready here. Before the
+        // first list it is empty, which only delays restarts; teardowns check the VMM anyway.
         let live: HashSet<String> = store
             .state()
             .iter()

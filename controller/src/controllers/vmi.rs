@@ -285,18 +285,11 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
 fn controller_status(vmi: &VirtualMachineInstance) -> VirtualMachineInstanceStatus {
     let old = vmi.status.clone().unwrap_or_default();
     VirtualMachineInstanceStatus {
-        phase: old.phase,
-        phase_transition_timestamps: old.phase_transition_timestamps,
-        conditions: old
-            .conditions
-            .into_iter()
-            .filter(|c| matches!(c.type_.as_str(), "PodScheduled" | "Synchronized"))
-            .collect(),
-        interfaces: Vec::new(),
         node_name: old.node_name,
         reason: old.reason,
         launcher_pod: old.launcher_pod,
         migration_state: old.migration_state,
+        ..VirtualMachineInstanceStatus::shared_part(vmi, &["PodScheduled", "Synchronized"])
     }
 }
 

@@ -113,6 +113,24 @@ pub struct VirtualMachineInstanceStatus {
     pub migration_state: Option<MigrationState>,
 }
 
+impl VirtualMachineInstanceStatus {
+    /// The phase, its history and the conditions of `types` from `vmi`'s status: what a writer
+    /// of part of the status (the controller, the node agent) starts its own part from.
+    pub fn shared_part(vmi: &VirtualMachineInstance, types: &[&str]) -> Self {
+        let old = vmi.status.clone().unwrap_or_default();
+        VirtualMachineInstanceStatus {
+            phase: old.phase,
+            phase_transition_timestamps: old.phase_transition_timestamps,
+            conditions: old
+                .conditions
+                .into_iter()
+                .filter(|c| types.contains(&c.type_.as_str()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
 /// A guest network interface.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
