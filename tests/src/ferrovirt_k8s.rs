@@ -209,8 +209,19 @@ impl Drop for ControllerProcess {
                 "--timeout=90s",
             ]);
         }
+        // Launcher pods mount /var/run/ferrovirt/vmis/<VMI UID>, which the kubelet creates; with
+        // no node agent to remove them (the stand-in launcher), the empty ones are ours to
+        // remove. A directory in use by an agent is never empty, and remove_dir leaves it.
+        if let Ok(dirs) = std::fs::read_dir(VMIS_HOST_DIR) {
+            for dir in dirs.flatten() {
+                let _ = std::fs::remove_dir(dir.path());
+            }
+        }
     }
 }
+
+/// The node's per-VMI directories (the controller's `launcher::VMIS_HOST_DIR`).
+const VMIS_HOST_DIR: &str = "/var/run/ferrovirt/vmis";
 
 /// The string at JSON `pointer` in `v`, "" when absent.
 pub fn str_at<'a>(v: &'a serde_json::Value, pointer: &str) -> &'a str {
