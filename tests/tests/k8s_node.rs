@@ -231,16 +231,22 @@ fn a_running_vmi_is_reported_and_deleting_it_leaves_nothing() {
     let pids = backend_pids(&record);
     assert_eq!(pids.len(), 1, "{record}");
     // The disk backend lives in the launcher pod's cgroups, so the pod pays for it.
-    let pod_uid = node
+    let pod = node
         .ns
         .get_json(&["pod", "virt-launcher-idler"])
-        .map(|p| str_at(&p, "/metadata/uid").replace('-', "_"))
-        .unwrap_or_default();
-    let pod_uid_plain = pod_uid.replace('_', "-");
-    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap_or_default();
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pod_uid = str_at(&pod, "/metadata/uid");
+    assert!(!pod_uid.is_empty(), "the launcher pod has no UID: {pod}");
+    // The harness's kubelet uses the cgroupfs driver: the pod's cgroup is `.../pod<UID>`.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0]))
+        .unwrap_or_else(|e| panic!("the disk backend {}: {e}", pids[0]));
+    let memory = cgroups
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("memory"))
+        .unwrap_or_else(|| panic!("no memory cgroup in:\n{cgroups}"));
     assert!(
-        cgroups.contains(&pod_uid_plain) || cgroups.contains(&pod_uid),
-        "backend cgroups:\n{cgroups}"
+        memory.contains(&format!("/pod{pod_uid}")),
+        "the backend's memory cgroup is not the pod's: {memory}"
     );
     // The guest's console is the launcher's output.
     wait_for("the guest's console", WAIT, || {
