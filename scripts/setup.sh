@@ -28,8 +28,10 @@ set -euo pipefail
 #                    the package's system service is not used)
 #   openssl          the test Kubernetes' CA, certificates and service-account keys
 #   busybox-static   a static /bin/busybox, put into test images of the k8s tests (sh, sleep, ip)
+#   dosfstools, mtools  fsck.fat and mtype, FAT tools of their own that check the cloud-init
+#                    disks the node writes (this kernel has no vfat to mount them)
 # Later suites add theirs here (qemu-utils for blk images).
-PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3 containernetworking-plugins containerd runc openssl busybox-static)
+PACKAGES=(build-essential pkg-config qemu-system-x86 iproute2 acpica-tools fio iputils-ping ethtool dpdk-dev e2fsprogs clang libbpf-dev iperf3 containernetworking-plugins containerd runc openssl busybox-static dosfstools mtools)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

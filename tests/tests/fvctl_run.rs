@@ -209,7 +209,8 @@ fn a_missing_image_fails_before_the_vm_starts_and_leaves_nothing() {
     let out = s.run(&manifest);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("volume \"data\": fvctl run serves hostDisk and emptyDisk"),
+        text(&out.stderr)
+            .contains("volume \"data\": fvctl run serves hostDisk, emptyDisk and cloudInitNoCloud"),
         "{}",
         text(&out.stderr)
     );

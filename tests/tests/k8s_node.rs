@@ -75,6 +75,15 @@ impl Node {
         })
     }
 
+    /// Waits until the launcher pod `pod`'s log (the guest's console) shows `text`.
+    fn wait_log(&self, pod: &str, text: &str) {
+        wait_for(&format!("{text:?} on {pod}'s console"), WAIT, || {
+            let log = self.ns.kubectl(&["logs", pod]).unwrap_or_default();
+            if log.contains(text) { Ok(()) } else { Err(log) }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     fn wait_phase(&self, name: &str, phase: &str) -> Value {
         self.wait_vmi(name, &format!("VMI {name} {phase}"), |v| {
             str_at(v, "/status/phase") == phase
@@ -248,19 +257,8 @@ fn a_running_vmi_is_reported_and_deleting_it_leaves_nothing() {
         memory.contains(&format!("/pod{pod_uid}")),
         "the backend's memory cgroup is not the pod's: {memory}"
     );
-    // The guest's console is the launcher's output.
-    wait_for("the guest's console", WAIT, || {
-        let log = node
-            .ns
-            .kubectl(&["logs", "virt-launcher-idler"])
-            .unwrap_or_default();
-        if log.contains("testguest: idle 1") {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    // The guest runs: its console is the launcher's output.
+    node.wait_log("virt-launcher-idler", "testguest: idle 1");
     node.ns
         .kubectl(&["delete", "vmi", "idler", "--wait=true", "--timeout=90s"])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -303,6 +301,108 @@ fn a_restarted_agent_adopts_running_vms_without_restarting_them() {
         .kubectl(&["delete", "vmi", "kept", "--wait=true", "--timeout=90s"])
         .unwrap_or_else(|e| panic!("{e}"));
     assert_node_clean(&uid, &after);
+}
+
+/// The backend processes on this host whose command lines name the VMI `uid`'s directory.
+fn live_backends(uid: &str) -> Vec<i32> {
+    let dir = format!("{VMIS_DIR}/{uid}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("ferrovirt-vhost") && c.contains(&dir)
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+#[test]
+fn an_agent_killed_during_start_up_is_resumed_without_starting_anything_twice_and_cloud_init_is_served()
+ {
+    let mut node = Node::start("node-startkill");
+    node.ns
+        .apply(&test_guest_vmi(
+            "early",
+            "scenario=idle",
+            "{disks: [{name: a}, {name: b}]}",
+            "  volumes: [{name: a, emptyDisk: {capacity: 8Mi}}, {name: b, cloudInitNoCloud: {userData: \"#cloud-config\\nhostname: early\\n\"}}]\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let uid = node.wait_vmi("early", "VMI early to have a UID", |v| {
+        !str_at(v, "/metadata/uid").is_empty()
+    });
+    let uid = str_at(&uid, "/metadata/uid").to_owned();
+    let dir = Path::new(VMIS_DIR).join(&uid);
+    // The agent opens a backend's log just before starting it: freeze the agent there, then
+    // kill it, so it dies with its start half done.
+    let agent_pid = node.agent.as_ref().map_or(0, |a| a.process.pid());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !dir.join("disk-a.log").exists() {
+        // A tight loop: the whole start takes milliseconds.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent started no backend in {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let frozen = agent_record(&uid);
+    assert!(
+        frozen.as_ref().is_none_or(|r| r["booted"] != true),
+        "the agent was stopped after the boot, not during the start: {frozen:?}"
+    );
+    if let Some(mut agent) = node.agent.take() {
+        let _ = agent.process.kill();
+    }
+    let half_started = live_backends(&uid);
+    node.agent = Some(agent(cluster()));
+    let v = node.wait_phase("early", "Running");
+    let record = agent_record(&uid).expect("the new agent's record");
+    assert_eq!(record["booted"], true, "{record}");
+    let mut recorded = backend_pids(&record);
+    recorded.sort_unstable();
+    assert_eq!(recorded.len(), 2, "{record}");
+    // One backend per disk: the half-started ones are gone, nothing runs twice.
+    assert_eq!(live_backends(&uid), recorded, "record: {record}");
+    for pid in half_started {
+        assert!(
+            !alive(pid) || recorded.contains(&pid),
+            "backend {pid} of the killed start still runs"
+        );
+    }
+    let vmm = record["vmm_pid"].as_i64().unwrap_or(-1) as i32;
+    assert!(alive(vmm), "the VMM {vmm} died");
+    // Disk b is the cloud-init NoCloud disk the agent wrote: FAT, with the user data.
+    let user_data = std::process::Command::new("mtype")
+        .arg("-i")
+        .arg(dir.join("b.cidata.img"))
+        .arg("::user-data")
+        .output()
+        .unwrap_or_else(|e| panic!("mtype: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&user_data.stdout),
+        "#cloud-config\nhostname: early\n",
+        "{user_data:?}"
+    );
+    // The guest runs: its console is the launcher's output.
+    node.wait_log("virt-launcher-early", "testguest: idle 1");
+    assert_eq!(str_at(&v, "/status/phase"), "Running");
+    node.ns
+        .kubectl(&["delete", "vmi", "early", "--wait=true", "--timeout=90s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_node_clean(&uid, &record);
+    assert!(live_backends(&uid).is_empty());
 }
 
 #[test]

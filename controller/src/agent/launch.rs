@@ -13,11 +13,15 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use ferrovirt_runtime::api::VmState;
+
 use super::vmm_api;
+use crate::crd::VirtualMachineInstance;
 use crate::crd::spec::{HostDiskType, Interface, Network, Volume};
-use crate::crd::vmi::{InterfaceStatus, VirtualMachineInstanceSpec};
+use crate::crd::vmi::InterfaceStatus;
 use crate::node::plan::{self, DISK_IMG, DISKS_DIR, Image, Plan, Resolver, SocketDirs, Tap};
 use crate::node::process::{self, Binaries};
+use kube::ResourceExt;
 
 /// Where the launcher container sees its VMI's host directory (the controller mounts it).
 pub const CONTAINER_VMI_DIR: &str = crate::launcher::VMI_DIR;
@@ -38,6 +42,10 @@ pub enum Error {
     Proc(PathBuf, #[source] std::io::Error),
     #[error("cannot write the agent's state {0}: {1}")]
     State(PathBuf, #[source] std::io::Error),
+    #[error(
+        "the VM runs but this agent has no record of starting it; delete the VMI's launcher pod to start it again"
+    )]
+    Unrecorded,
     #[error("cannot read the CNI records in {0}: {1}")]
     Cni(PathBuf, #[source] std::io::Error),
 }
@@ -52,6 +60,10 @@ pub struct Started {
     #[serde(default)]
     pub commands: BTreeMap<String, Vec<String>>,
     pub interfaces: Vec<InterfaceStatus>,
+    /// The VM was booted. Until then the record is of a start in progress, which a restarted
+    /// agent resumes (an agent can be killed at any moment).
+    #[serde(default)]
+    pub booted: bool,
 }
 
 impl Started {
@@ -87,6 +99,11 @@ fn alive_with(pid: i32, program: &str, dir: &Path) -> bool {
 /// Resolves volumes inside the launcher's mount namespace and NICs from CNI records.
 struct PodResolver<'a> {
     root: PathBuf,
+    /// The VMI's host directory, for disks the agent makes (cloud-init, container disks).
+    dir: &'a Path,
+    /// cloud-init's instance-id (`<name>.<namespace>`, as KubeVirt) and hostname.
+    instance_id: &'a str,
+    hostname: &'a str,
     nics: &'a [AttachmentRecord],
     next_nic: usize,
 }
@@ -108,14 +125,14 @@ impl Resolver for PodResolver<'_> {
             return Ok(Image {
                 path: mounted.join(file),
                 create_size,
-                read_only: false,
+                ..Default::default()
             });
         }
         if let Some(empty) = &volume.empty_disk {
             return Ok(Image {
                 path: mounted.join(DISK_IMG),
                 create_size: Some(plan::capacity(volume, &empty.capacity)?),
-                read_only: false,
+                ..Default::default()
             });
         }
         if let Some(pvc) = &volume.persistent_volume_claim {
@@ -123,11 +140,16 @@ impl Resolver for PodResolver<'_> {
                 path: mounted.join(DISK_IMG),
                 create_size: filesystem_disk_size(&mounted),
                 read_only: pvc.read_only == Some(true),
+                ..Default::default()
             });
+        }
+        let cidata = self.dir.join(format!("{}.cidata.img", volume.name));
+        if let Some(image) = plan::nocloud_image(volume, cidata, self.instance_id, self.hostname) {
+            return image;
         }
         Err(plan::unsupported(
             volume,
-            "containerDisk and cloudInitNoCloud volumes are not served by this node agent yet; use hostDisk, emptyDisk or persistentVolumeClaim",
+            "containerDisk volumes are not served by this node agent yet; use hostDisk, emptyDisk, persistentVolumeClaim or cloudInitNoCloud",
         ))
     }
 
@@ -274,20 +296,38 @@ impl Launch<'_> {
     /// Starts the VMI's backends and boots its VM in the launcher's VMM; what was started.
     pub async fn start(
         &self,
-        spec: &VirtualMachineInstanceSpec,
+        vmi: &VirtualMachineInstance,
         children: &Children,
     ) -> Result<Started, Error> {
+        let hostname = vmi.name_any();
+        let instance_id = format!("{hostname}.{}", vmi.namespace().unwrap_or_default());
         let api = self.dir.join(API_SOCKET);
         let vmm_pid = vmm_api::peer_pid(&api).await?;
+        let state = vmm_api::vm_state(&api).await?;
+        if matches!(state, Some(VmState::Running | VmState::Paused)) {
+            // An agent was killed between the boot and its record of it: adopt.
+            let mut started = Started::load(self.dir)
+                .filter(|s| s.vmm_pid == vmm_pid)
+                .ok_or(Error::Unrecorded)?;
+            started.booted = true;
+            started.save(self.dir)?;
+            return Ok(started);
+        }
+        // Backends of a start that an earlier agent did not finish: their sockets are about to
+        // be replaced, so they could only linger.
+        stop_backends(self.dir).await;
         let netns = PathBuf::from(format!("/proc/{vmm_pid}/ns/net"));
         let netns_inode = std::fs::metadata(&netns)
             .map_err(|e| Error::Proc(netns.clone(), e))?
             .ino();
         let records = cni_records(self.cni_state_dir, netns_inode)?;
         let plan = plan::plan(
-            spec,
+            &vmi.spec,
             &mut PodResolver {
                 root: PathBuf::from(format!("/proc/{vmm_pid}/root")),
+                dir: self.dir,
+                instance_id: &instance_id,
+                hostname: &hostname,
                 nics: &records,
                 next_nic: 0,
             },
@@ -302,14 +342,18 @@ impl Launch<'_> {
             backends: BTreeMap::new(),
             commands: BTreeMap::new(),
             interfaces: interface_status(&plan, &records),
+            booted: false,
         };
-        let spawned = self.spawn_backends(&plan, vmm_pid, &mut started, children);
-        // Recorded even when a backend failed, so the teardown finds the others.
-        started.save(self.dir)?;
-        spawned?;
-        let config = serde_json::to_vec(&plan.vm).unwrap_or_default();
-        vmm_api::request(&api, "PUT", "vm.create", Some(&config)).await?;
+        tokio::task::block_in_place(|| {
+            self.spawn_backends(&plan, vmm_pid, &mut started, children)
+        })?;
+        if state.is_none() {
+            let config = serde_json::to_vec(&plan.vm).unwrap_or_default();
+            vmm_api::request(&api, "PUT", "vm.create", Some(&config)).await?;
+        }
         vmm_api::request(&api, "PUT", "vm.boot", None).await?;
+        started.booted = true;
+        started.save(self.dir)?;
         Ok(started)
     }
 
@@ -336,14 +380,18 @@ impl Launch<'_> {
                 &net.socket,
             ));
         }
+        // Recorded before each backend starts and after, so a teardown or a restarted agent
+        // finds every backend (those it misses are found by their command lines).
+        started.save(self.dir)?;
         for (name, cmd, socket) in commands {
             let argv: Vec<String> = std::iter::once(cmd.get_program())
                 .chain(cmd.get_args())
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            started.commands.insert(name.clone(), argv);
             let pid = spawn_backend(self.dir, &name, cmd, socket, vmm_pid, children)?;
+            started.commands.insert(name.clone(), argv);
             started.backends.insert(name, pid);
+            started.save(self.dir)?;
         }
         Ok(())
     }
@@ -385,7 +433,8 @@ pub fn respawn_dead_backends(dir: &Path, children: &Children) -> Result<usize, E
     let Some(mut started) = Started::load(dir) else {
         return Ok(0);
     };
-    if !started.vmm_alive(dir) {
+    if !started.booted || !started.vmm_alive(dir) {
+        // A start in progress starts its own backends.
         return Ok(0);
     }
     let mut respawned = 0;
@@ -427,28 +476,45 @@ const BACKEND_START: Duration = Duration::from_secs(10);
 /// How long a backend gets to stop after SIGTERM.
 const BACKEND_STOP: Duration = Duration::from_secs(5);
 
-/// Stops every backend the VMI's record names and removes its directory.
+/// Stops every backend of the VMI and removes its directory.
 pub async fn teardown(dir: &Path) {
-    if let Some(started) = Started::load(dir) {
-        for (name, pid) in &started.backends {
-            if !alive_with(*pid, "ferrovirt-vhost", dir) {
-                continue;
-            }
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
-            let deadline = tokio::time::Instant::now() + BACKEND_STOP;
-            while alive_with(*pid, "ferrovirt-vhost", dir) {
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(backend = %name, pid, "did not stop on SIGTERM; killing it");
-                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    stop_backends(dir).await;
     match std::fs::remove_dir_all(dir) {
         Ok(()) => tracing::info!(dir = %dir.display(), "VMI cleaned up"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove: {e}"),
     }
+}
+
+/// Stops every backend serving the VMI of `dir`: SIGTERM, then SIGKILL after
+/// [`BACKEND_STOP`]. They are found by their command lines, which name their sockets in `dir`,
+/// so backends an interrupted start did not record are found too.
+async fn stop_backends(dir: &Path) {
+    let pids = backends_of(dir);
+    for pid in &pids {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + BACKEND_STOP;
+    for pid in pids {
+        while alive_with(pid, "ferrovirt-vhost", dir) {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(pid, dir = %dir.display(), "backend did not stop on SIGTERM; killing it");
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The pids of the backends whose command lines name `dir`.
+fn backends_of(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| alive_with(*pid, "ferrovirt-vhost", dir))
+        .collect()
 }

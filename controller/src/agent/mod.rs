@@ -169,7 +169,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         PodStage::Running => match started {
-            Some(started) if started.vmm_alive(&dir) => {
+            Some(started) if started.booted && started.vmm_alive(&dir) => {
                 if !reported(&ctx, &uid) {
                     // Adopted after an agent restart: make sure the status says so.
                     let vmi = vmi_of(&ctx, &pod).await?;
@@ -179,6 +179,8 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 }
                 Ok(Action::await_change())
             }
+            // A start that an earlier agent did not finish: finish it.
+            Some(started) if started.vmm_alive(&dir) => start(&pod, &ctx, &uid, &dir).await,
             // The record outlived its VMM, which the kubelet has not noticed yet.
             Some(_) => Ok(Action::requeue(Duration::from_millis(500))),
             None => start(&pod, &ctx, &uid, &dir).await,
@@ -208,7 +210,7 @@ async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result
         dir,
         cni_state_dir: &ctx.cfg.cni_state_dir,
     };
-    match launch.start(&vmi.spec, &ctx.children).await {
+    match launch.start(&vmi, &ctx.children).await {
         Ok(started) => {
             tracing::info!(vmi = %vmi.name_any(), pid = started.vmm_pid, "VM booted");
             report_running(ctx, &vmi, &started).await?;

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferrovirt_runtime::api::{VmInfo, VmState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -40,6 +41,17 @@ pub async fn peer_pid(socket: &Path) -> Result<i32, Error> {
         .map_err(|e| Error::Connect(socket.to_owned(), e))?;
     cred.pid()
         .ok_or_else(|| Error::Malformed("peer credentials carry no pid".into()))
+}
+
+/// The state of the VMM's VM; `None` before `vm.create`.
+pub async fn vm_state(socket: &Path) -> Result<Option<VmState>, Error> {
+    match request(socket, "GET", "vm.info", None).await {
+        Ok(body) => serde_json::from_slice::<VmInfo>(&body)
+            .map(|info| Some(info.state))
+            .map_err(|_| Error::Malformed("GET vm.info".into())),
+        Err(Error::Status { status: 404, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Sends one request; the response body on a 2xx status.

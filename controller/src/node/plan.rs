@@ -13,6 +13,7 @@ use ferrovirt_runtime::config::{
 use crate::crd::spec::{Interface, Network, Volume};
 use crate::crd::vmi::VirtualMachineInstanceSpec;
 use crate::launcher;
+use crate::node::cloudinit::NoCloud;
 use crate::quantity;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +48,15 @@ pub enum Error {
 }
 
 /// An image file a disk backend serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Image {
     /// The path the backend opens.
     pub path: PathBuf,
     /// Create the file sparse with this size when it does not exist.
     pub create_size: Option<u64>,
     pub read_only: bool,
+    /// Write this cloud-init NoCloud disk to `path` before the backend starts.
+    pub nocloud: Option<NoCloud>,
 }
 
 /// Where an interface's frames go.
@@ -266,6 +269,28 @@ pub fn unsupported(volume: &Volume, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The image of a `cloudInitNoCloud` volume, written to `path` (a file of the node's own)
+/// when the backend starts; `None` for other volumes. `instance_id` and `hostname` go into its
+/// meta-data.
+pub fn nocloud_image(
+    volume: &Volume,
+    path: PathBuf,
+    instance_id: &str,
+    hostname: &str,
+) -> Option<Result<Image, Error>> {
+    let source = volume.cloud_init_no_cloud.as_ref()?;
+    Some(
+        NoCloud::new(source, instance_id, hostname)
+            .map(|nocloud| Image {
+                path,
+                read_only: true,
+                nocloud: Some(nocloud),
+                ..Default::default()
+            })
+            .map_err(|e| unsupported(volume, e.to_string())),
+    )
+}
+
 /// Bytes in a capacity quantity of `volume`.
 pub fn capacity(
     volume: &Volume,
@@ -300,8 +325,7 @@ mod tests {
             if volume.host_disk.is_some() {
                 Ok(Image {
                     path: PathBuf::from(format!("/img/{}", volume.name)),
-                    create_size: None,
-                    read_only: false,
+                    ..Default::default()
                 })
             } else {
                 Err(unsupported(volume, "not here"))

@@ -25,6 +25,8 @@ pub enum Error {
     Unreadable(PathBuf, #[source] std::io::Error),
     #[error("cannot create disk image {0}: {1}")]
     Create(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    CloudInit(#[from] crate::node::cloudinit::Error),
     #[error("cannot start {0}: {1}")]
     Spawn(String, #[source] std::io::Error),
     #[error("{name} exited with {status} before listening on {socket}; its stderr says why")]
@@ -77,6 +79,10 @@ impl Binaries {
 /// Makes sure `image` can be served: creates it sparse when asked to, else checks it is there.
 /// True when it was created.
 pub fn prepare_image(image: &Image) -> Result<bool, Error> {
+    if let Some(nocloud) = &image.nocloud {
+        nocloud.write(&image.path)?;
+        return Ok(true);
+    }
     match OpenOptions::new().read(true).open(&image.path) {
         Ok(_) => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -227,8 +233,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fv-node-img-{}", std::process::id()));
         let image = Image {
             path: dir.join("sub/d.img"),
-            create_size: None,
-            read_only: false,
+            ..Default::default()
         };
         let err = prepare_image(&image).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");

@@ -154,19 +154,23 @@ impl Resolver for HostResolver<'_> {
             return Ok(Image {
                 path: PathBuf::from(&host.path),
                 create_size,
-                read_only: false,
+                ..Default::default()
             });
         }
         if let Some(empty) = &volume.empty_disk {
             return Ok(Image {
                 path: self.dir.join(format!("{}.img", volume.name)),
                 create_size: Some(plan::capacity(volume, &empty.capacity)?),
-                read_only: false,
+                ..Default::default()
             });
+        }
+        let cidata = self.dir.join(format!("{}.cidata.img", volume.name));
+        if let Some(image) = plan::nocloud_image(volume, cidata, self.vm, self.vm) {
+            return image;
         }
         Err(plan::unsupported(
             volume,
-            "fvctl run serves hostDisk and emptyDisk volumes; containerDisk, persistentVolumeClaim and cloudInitNoCloud need a cluster",
+            "fvctl run serves hostDisk, emptyDisk and cloudInitNoCloud volumes; containerDisk and persistentVolumeClaim need a cluster",
         ))
     }
 
