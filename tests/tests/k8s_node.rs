@@ -115,6 +115,16 @@ spec:
     )
 }
 
+/// A VirtualMachine with `strategy` whose template is the spec of `vmi` (a VMI manifest of
+/// [`test_guest_vmi`]).
+fn test_guest_vm(name: &str, strategy: &str, vmi: &str) -> String {
+    let spec = vmi.split_once("\nspec:\n").map_or("", |(_, spec)| spec);
+    let template: String = spec.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\nspec:\n  runStrategy: {strategy}\n  template:\n    spec:\n{template}"
+    )
+}
+
 /// A VMI of the test guest with one disk backed by `volume` (a YAML flow map of the volume
 /// source).
 fn vmi_yaml(name: &str, kernel_args: &str, volume: &str) -> String {
@@ -403,6 +413,60 @@ fn an_agent_killed_during_start_up_is_resumed_without_starting_anything_twice_an
         .unwrap_or_else(|e| panic!("{e}"));
     assert_node_clean(&uid, &record);
     assert!(live_backends(&uid).is_empty());
+}
+
+#[test]
+fn a_crashing_guest_is_run_again_under_rerun_on_failure_and_halting_leaves_nothing() {
+    let node = Node::start("node-rerun");
+    // An unknown scenario: the guest prints FAIL and ends with debug-exit status 34.
+    node.ns
+        .apply(&test_guest_vm(
+            "crasher",
+            "RerunOnFailure",
+            &vmi_yaml("crasher", "scenario=crash", "emptyDisk: {capacity: 8Mi}"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut failed: Vec<String> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    wait_for("the crashed VMI to be replaced", WAIT * 2, || {
+        let v = node.vmi("crasher").ok_or("no VMI")?;
+        let uid = str_at(&v, "/metadata/uid").to_owned();
+        if !uid.is_empty() && !seen.contains(&uid) {
+            seen.push(uid.clone());
+        }
+        if str_at(&v, "/status/phase") == "Failed" && !failed.contains(&uid) {
+            assert!(
+                str_at(&v, "/status/reason").contains("34"),
+                "the VMI's reason does not give the guest's exit status: {v}"
+            );
+            failed.push(uid);
+        }
+        // A VMI that failed, and a newer one the VM made after it.
+        match (failed.first(), seen.last()) {
+            (Some(first), Some(last)) if first != last => Ok(()),
+            _ => Err(format!("failed: {failed:?}, seen: {seen:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    node.ns
+        .kubectl(&[
+            "patch",
+            "vm",
+            "crasher",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"runStrategy":"Halted"}}"#,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for("the VMI to go", WAIT, || match node.vmi("crasher") {
+        None => Ok(()),
+        Some(v) => Err(format!("{}", v["status"])),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    for uid in &seen {
+        assert_node_clean(uid, &Value::Null);
+        assert_eq!(live_backends(uid), Vec::<i32>::new(), "VMI {uid}");
+    }
 }
 
 #[test]
