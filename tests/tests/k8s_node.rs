@@ -723,6 +723,68 @@ fn a_killed_disk_backend_is_started_again_and_the_vm_keeps_running() {
 }
 
 #[test]
+fn a_disk_backend_killed_while_the_guest_writes_loses_no_write() {
+    let node = Node::start("node-inflight");
+    let images = ScratchDir::new("node-inflight").unwrap_or_else(|e| panic!("{e}"));
+    let image = images.join("data.img");
+    const SECTORS: u64 = 512 * 1024;
+    node.ns
+        .apply(&vmi_yaml(
+            "busy",
+            &format!("scenario=blk blk_seed=77 blk_sectors={SECTORS} blk_req=64 blk_depth=8"),
+            &format!(
+                "hostDisk: {{path: {}, type: DiskOrCreate, capacity: 256Mi}}",
+                image.display()
+            ),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("busy", "Running");
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    let before = agent_record(&uid).expect("record");
+    let old = backend_pids(&before)[0];
+    // Kill the backend once the guest has written some of the disk, not all of it: the
+    // image is sparse, so its allocated blocks say how far the writes got.
+    let written = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&image).map_or(0, |m| m.blocks() * 512)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while written() < 16 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest wrote nothing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let at_kill = written();
+    assert!(
+        at_kill < SECTORS * 512,
+        "the guest had written everything before the kill"
+    );
+    // The guest wrote the rest through the new backend, read all of it back and passed.
+    let v = node.wait_phase("busy", "Succeeded");
+    assert_eq!(str_at(&v, "/status/phase"), "Succeeded");
+    let log = node
+        .ns
+        .kubectl(&["logs", "virt-launcher-busy"])
+        .unwrap_or_default();
+    assert!(log.contains("testguest: PASS blk"), "launcher log:\n{log}");
+    let bytes = std::fs::read(&image).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        blk_pattern::first_mismatch(&bytes, 77, 0..SECTORS),
+        None,
+        "killed at {at_kill} bytes written"
+    );
+    assert_node_clean(&uid, &before);
+    assert!(live_backends(&uid).is_empty());
+}
+
+#[test]
 fn deleting_the_launcher_pod_by_hand_fails_the_vmi_and_cleans_the_node() {
     let node = Node::start("node-podgone");
     node.ns
