@@ -2,12 +2,12 @@
 //! node issue's `ferrovirt-launcher` image), so that pod limits, eviction and deletion apply to
 //! the VM as to any pod.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
     ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements,
-    Volume as PodVolume, VolumeMount,
+    Volume as PodVolume, VolumeDevice, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -162,21 +162,36 @@ fn resources(
 /// Pod volumes (and their mounts in the compute container) for the VMI's volumes that the
 /// kubelet provides: claims, host disks and empty disks. Container disks and cloud-init disks
 /// are prepared by the node agent and need no pod volume.
-fn volumes(vmi: &VirtualMachineInstance) -> (Vec<PodVolume>, Vec<VolumeMount>) {
+/// Volumes named in `block` (claims with `volumeMode: Block`) become device nodes at
+/// `DISKS_DIR/<volume>` instead of mounts.
+fn volumes(
+    vmi: &VirtualMachineInstance,
+    block: &BTreeSet<String>,
+) -> (Vec<PodVolume>, Vec<VolumeMount>, Vec<VolumeDevice>) {
     let mut pod_volumes = Vec::new();
     let mut mounts = Vec::new();
+    let mut devices = Vec::new();
     for v in &vmi.spec.volumes {
         let Some(pod_volume) = pod_volume(v) else {
             continue;
         };
-        mounts.push(VolumeMount {
-            name: pod_volume.name.clone(),
-            mount_path: format!("{DISKS_DIR}/{}", v.name),
-            ..Default::default()
-        });
+        let name = pod_volume.name.clone();
+        let path = format!("{DISKS_DIR}/{}", v.name);
+        if block.contains(&v.name) {
+            devices.push(VolumeDevice {
+                name,
+                device_path: path,
+            });
+        } else {
+            mounts.push(VolumeMount {
+                name,
+                mount_path: path,
+                ..Default::default()
+            });
+        }
         pod_volumes.push(pod_volume);
     }
-    (pod_volumes, mounts)
+    (pod_volumes, mounts, devices)
 }
 
 fn pod_volume(v: &Volume) -> Option<PodVolume> {
@@ -290,17 +305,19 @@ pub fn pod_labels(vmi: &VirtualMachineInstance, role: &str) -> BTreeMap<String, 
     labels
 }
 
-/// The launcher pod of `vmi`, named `name`, with `role` (`launcher` or `migration-target`).
+/// The launcher pod of `vmi`, named `name`, with `role` (`launcher` or `migration-target`);
+/// `block` names the volumes whose claims have `volumeMode: Block`.
 pub fn pod(
     vmi: &VirtualMachineInstance,
     name: &str,
     role: &str,
     cfg: &LauncherConfig,
+    block: &BTreeSet<String>,
 ) -> Result<Pod, Error> {
     vmi.uid().ok_or(Error::NoUid)?;
     let namespace = vmi.namespace().unwrap_or_default();
     let spec = &vmi.spec;
-    let (mut pod_volumes, mut mounts) = volumes(vmi);
+    let (mut pod_volumes, mut mounts, devices) = volumes(vmi, block);
     pod_volumes.push(PodVolume {
         name: "vmi".into(),
         host_path: Some(HostPathVolumeSource {
@@ -345,6 +362,7 @@ pub fn pod(
         stdin: Some(true),
         tty: Some(true),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        volume_devices: (!devices.is_empty()).then_some(devices),
         ..Default::default()
     };
     Ok(Pod {
@@ -420,7 +438,7 @@ spec:
     #[test]
     fn the_pod_carries_resources_devices_networks_volumes_and_placement() {
         let vmi = vmi(VMI);
-        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg()).expect("pod");
+        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg(), &BTreeSet::new()).expect("pod");
         let meta = &pod.metadata;
         assert_eq!(meta.name.as_deref(), Some("virt-launcher-web"));
         let labels = meta.labels.as_ref().expect("labels");
@@ -486,6 +504,21 @@ spec:
         );
         let mounts = spec.containers[0].volume_mounts.as_ref().expect("mounts");
         assert_eq!(mounts[2].mount_path, format!("{DISKS_DIR}/data"));
+        assert_eq!(spec.containers[0].volume_devices, None);
+    }
+
+    #[test]
+    fn block_mode_claims_become_devices_at_the_disk_path() {
+        let vmi = vmi(VMI);
+        let block = BTreeSet::from(["data".to_owned()]);
+        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg(), &block).expect("pod");
+        let container = &pod.spec.expect("spec").containers[0];
+        let devices = container.volume_devices.as_ref().expect("devices");
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].device_path, format!("{DISKS_DIR}/data"));
+        assert_eq!(devices[0].name, "disk-data");
+        let mounts = container.volume_mounts.as_ref().expect("mounts");
+        assert!(mounts.iter().all(|m| m.name != "disk-data"), "{mounts:?}");
     }
 
     #[test]

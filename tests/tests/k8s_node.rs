@@ -784,6 +784,133 @@ fn a_disk_backend_killed_while_the_guest_writes_loses_no_write() {
     assert!(live_backends(&uid).is_empty());
 }
 
+/// A `local` PersistentVolume on node localhost (cluster-scoped: deleted on drop) and a
+/// claim of `size` pre-bound to it in the test's namespace; `block` backs it with a loop
+/// device over `path` (`volumeMode: Block`), else it is the directory `path`.
+struct LocalVolume {
+    name: String,
+    loop_device: Option<String>,
+}
+
+impl LocalVolume {
+    fn new(ns: &Namespace, claim: &str, path: &Path, size: &str, block: bool) -> LocalVolume {
+        let name = format!("{}-{claim}", ns.name());
+        let (mode, local, loop_device) = if block {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(path)
+                .output()
+                .unwrap_or_else(|e| panic!("losetup: {e}"));
+            assert!(out.status.success(), "losetup: {out:?}");
+            let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            ("Block", device.clone(), Some(device))
+        } else {
+            ("Filesystem", path.display().to_string(), None)
+        };
+        let volume = LocalVolume { name, loop_device };
+        let (name, ns_name) = (&volume.name, ns.name());
+        ns.apply(&format!(
+            r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {name}}}
+spec:
+  capacity: {{storage: {size}}}
+  volumeMode: {mode}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: {ns_name}-local
+  local: {{path: {local}}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [localhost]}}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {claim}}}
+spec:
+  volumeMode: {mode}
+  accessModes: [ReadWriteOnce]
+  storageClassName: {ns_name}-local
+  volumeName: {name}
+  resources: {{requests: {{storage: {size}}}}}
+"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        volume
+    }
+}
+
+impl Drop for LocalVolume {
+    fn drop(&mut self) {
+        let _ = cluster().kubectl(&["delete", "pv", &self.name, "--wait=false"]);
+        if let Some(device) = &self.loop_device {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", device])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn persistent_volume_claims_on_local_volumes_serve_disks_in_filesystem_and_block_mode() {
+    let node = Node::start("node-pvc");
+    let images = ScratchDir::new("node-pvc").unwrap_or_else(|e| panic!("{e}"));
+    let fs_dir = images.join("fs");
+    std::fs::create_dir(&fs_dir).unwrap_or_else(|e| panic!("{e}"));
+    let block_file = images.join("block.img");
+    std::fs::File::create(&block_file)
+        .and_then(|f| f.set_len(32 << 20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _fs = LocalVolume::new(&node.ns, "fs-claim", &fs_dir, "48Mi", false);
+    let _block = LocalVolume::new(&node.ns, "block-claim", &block_file, "32Mi", true);
+    for (name, claim, seed) in [("onfs", "fs-claim", 41), ("onblock", "block-claim", 42)] {
+        node.ns
+            .apply(&vmi_yaml(
+                name,
+                &format!("scenario=blk blk_seed={seed} blk_sectors=4096"),
+                &format!("persistentVolumeClaim: {{claimName: {claim}}}"),
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A claim that does not exist: a condition, and no pod.
+    node.ns
+        .apply(&vmi_yaml(
+            "noclaim",
+            "scenario=idle",
+            "persistentVolumeClaim: {claimName: nosuch}",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for name in ["onfs", "onblock"] {
+        node.wait_phase(name, "Succeeded");
+    }
+    // Filesystem mode: the claim's disk.img, made at the claim's size, holds the pattern.
+    let bytes = std::fs::read(fs_dir.join("disk.img")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bytes.len(), 48 << 20);
+    assert_eq!(blk_pattern::first_mismatch(&bytes, 41, 0..4096), None);
+    // Block mode: the loop device's backing file holds it.
+    let bytes = std::fs::read(&block_file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(blk_pattern::first_mismatch(&bytes, 42, 0..4096), None);
+    let v = node.wait_vmi("noclaim", "a condition about the missing claim", |v| {
+        v["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                str_at(c, "/reason") == "PersistentVolumeClaimNotFound"
+                    && str_at(c, "/message").contains("nosuch")
+            })
+        })
+    });
+    assert_eq!(str_at(&v, "/status/phase"), "Pending", "{v}");
+    assert!(
+        node.ns.get_json(&["pod", "virt-launcher-noclaim"]).is_err(),
+        "a launcher pod was made for a VMI whose claim does not exist"
+    );
+    for name in ["onfs", "onblock", "noclaim"] {
+        node.ns
+            .kubectl(&["delete", "vmi", name, "--wait=true", "--timeout=90s"])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 #[test]
 fn deleting_the_launcher_pod_by_hand_fails_the_vmi_and_cleans_the_node() {
     let node = Node::start("node-podgone");

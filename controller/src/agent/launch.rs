@@ -4,7 +4,7 @@
 //! network namespace, starts the backends in the pod's cgroups, then creates and boots the VM.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,6 +104,8 @@ struct PodResolver<'a> {
     /// cloud-init's instance-id (`<name>.<namespace>`, as KubeVirt) and hostname.
     instance_id: &'a str,
     hostname: &'a str,
+    /// Volume name → its claim's capacity in bytes.
+    claim_sizes: &'a BTreeMap<String, u64>,
     nics: &'a [AttachmentRecord],
     next_nic: usize,
 }
@@ -136,10 +138,24 @@ impl Resolver for PodResolver<'_> {
             });
         }
         if let Some(pvc) = &volume.persistent_volume_claim {
+            let read_only = pvc.read_only == Some(true);
+            // volumeMode: Block: the kubelet made the device node at the disk path.
+            if std::fs::metadata(&mounted).is_ok_and(|m| m.file_type().is_block_device()) {
+                return Ok(Image {
+                    path: mounted,
+                    read_only,
+                    ..Default::default()
+                });
+            }
+            let fits = filesystem_disk_size(&mounted);
+            let claimed = self.claim_sizes.get(&volume.name).copied();
             return Ok(Image {
                 path: mounted.join(DISK_IMG),
-                create_size: filesystem_disk_size(&mounted),
-                read_only: pvc.read_only == Some(true),
+                create_size: match (fits, claimed) {
+                    (Some(fits), Some(claimed)) => Some(fits.min(claimed)),
+                    (fits, claimed) => fits.or(claimed),
+                },
+                read_only,
                 ..Default::default()
             });
         }
@@ -186,8 +202,9 @@ impl Resolver for PodResolver<'_> {
     }
 }
 
-/// 90 % of a filesystem volume, for a claim's disk.img made on first use (KubeVirt does the
-/// same for filesystem-mode claims).
+/// 90 % of a filesystem volume, whole MiB: the most a claim's disk.img made on first use
+/// gets (KubeVirt leaves the same room for file system overhead). The claim's capacity, if
+/// smaller, is used instead.
 fn filesystem_disk_size(dir: &Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(dir).ok()?;
     let total = stat.blocks() as u64 * stat.fragment_size() as u64;
@@ -287,6 +304,8 @@ pub struct Launch<'a> {
     pub bin: &'a Binaries,
     pub dir: &'a Path,
     pub cni_state_dir: &'a Path,
+    /// Volume name → the capacity of its PersistentVolumeClaim, in bytes.
+    pub claim_sizes: &'a BTreeMap<String, u64>,
 }
 
 /// Children the agent started; reaped so they leave no zombies.
@@ -328,6 +347,7 @@ impl Launch<'_> {
                 dir: self.dir,
                 instance_id: &instance_id,
                 hostname: &hostname,
+                claim_sizes: self.claim_sizes,
                 nics: &records,
                 next_nic: 0,
             },

@@ -15,13 +15,13 @@ pub mod device_plugin;
 pub mod launch;
 pub mod vmm_api;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
@@ -205,10 +205,12 @@ async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result
     else {
         return Ok(Action::await_change());
     };
+    let claim_sizes = claim_sizes(ctx, &vmi).await?;
     let launch = Launch {
         bin: &ctx.cfg.bin,
         dir,
         cni_state_dir: &ctx.cfg.cni_state_dir,
+        claim_sizes: &claim_sizes,
     };
     match launch.start(&vmi, &ctx.children).await {
         Ok(started) => {
@@ -230,6 +232,41 @@ async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result
             Ok(Action::await_change())
         }
     }
+}
+
+/// Volume name → the capacity of its PersistentVolumeClaim (bound capacity, else the
+/// request), in bytes; claims without one are left out.
+async fn claim_sizes(
+    ctx: &Ctx,
+    vmi: &VirtualMachineInstance,
+) -> Result<BTreeMap<String, u64>, Error> {
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &vmi.namespace().unwrap_or_default());
+    let mut sizes = BTreeMap::new();
+    for volume in &vmi.spec.volumes {
+        let Some(source) = &volume.persistent_volume_claim else {
+            continue;
+        };
+        let Some(claim) = api.get_opt(&source.claim_name).await? else {
+            continue;
+        };
+        let bound = claim
+            .status
+            .and_then(|s| s.capacity)
+            .and_then(|c| c.get("storage").cloned());
+        let requested = claim
+            .spec
+            .and_then(|s| s.resources)
+            .and_then(|r| r.requests)
+            .and_then(|r| r.get("storage").cloned());
+        if let Some(bytes) = bound
+            .or(requested)
+            .and_then(|q| crate::quantity::to_bytes(&q.0).ok())
+        {
+            sizes.insert(volume.name.clone(), bytes & !((1 << 20) - 1));
+        }
+    }
+    Ok(sizes)
 }
 
 /// When the compute container started running.

@@ -182,7 +182,11 @@ async fn reconcile_inner(
         && let (Some(v), Some((VmiPhase::Running, node)), None) =
             (vmi.as_ref(), vmi_view, other_active.as_ref())
     {
-        let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher)?;
+        let ns = v.namespace().unwrap_or_default();
+        let block = super::vmi::claim_modes(v, ctx, &ns)
+            .await?
+            .unwrap_or_default();
+        let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher, &block)?;
         if let (Some(spec), Some(node)) = (pod.spec.as_mut(), node) {
             spec.affinity = Some(avoid_node(node));
         }

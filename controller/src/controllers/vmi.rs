@@ -4,10 +4,11 @@
 //! by the node agent) → Succeeded / Failed (the pod ended, or vanished). Deleting a VMI deletes
 //! its pod with the VMI's grace period and removes the finalizer once the pod is gone.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::Action;
@@ -158,14 +159,20 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
             // The spec changed; the next reconcile sees it.
             return Ok(Action::requeue(Duration::from_millis(100)));
         }
-        if let Some(missing) = missing_network_definition(vmi, ctx, &ns).await? {
+        let claims = claim_modes(vmi, ctx, &ns).await?;
+        let missing = match (missing_network_definition(vmi, ctx, &ns).await?, &claims) {
+            (Some(missing), _) => Some(("NetworkAttachmentDefinitionNotFound", missing)),
+            (None, Err(missing)) => Some(("PersistentVolumeClaimNotFound", missing.clone())),
+            (None, Ok(_)) => None,
+        };
+        if let Some((reason, missing)) = missing {
             let mut status = controller_status(vmi);
             set_condition(
                 &mut status.conditions,
                 Condition::new(
                     "Synchronized",
                     ConditionStatus::False,
-                    "NetworkAttachmentDefinitionNotFound",
+                    reason,
                     missing.clone(),
                 ),
                 &now(),
@@ -182,7 +189,8 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
             .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
-        let new = launcher::pod(vmi, &pod_name, "launcher", &ctx.launcher)?;
+        let block = claims.unwrap_or_default();
+        let new = launcher::pod(vmi, &pod_name, "launcher", &ctx.launcher, &block)?;
         let params = PostParams {
             field_manager: Some(MANAGER.into()),
             ..Default::default()
@@ -355,6 +363,32 @@ async fn cleanup(
 }
 
 /// The first `multus` network whose NetworkAttachmentDefinition does not exist, as a message.
+/// The VMI's volumes whose PersistentVolumeClaim has `volumeMode: Block` (they become the
+/// launcher's `volumeDevices`), or why a claim cannot be used.
+pub(super) async fn claim_modes(
+    vmi: &VirtualMachineInstance,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<BTreeSet<String>, String>, Error> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let mut block = BTreeSet::new();
+    for volume in &vmi.spec.volumes {
+        let Some(source) = &volume.persistent_volume_claim else {
+            continue;
+        };
+        let Some(claim) = claims.get_opt(&source.claim_name).await? else {
+            return Ok(Err(format!(
+                "volume {} names PersistentVolumeClaim {ns}/{}, which does not exist; create it",
+                volume.name, source.claim_name
+            )));
+        };
+        if claim.spec.and_then(|s| s.volume_mode).as_deref() == Some("Block") {
+            block.insert(volume.name.clone());
+        }
+    }
+    Ok(Ok(block))
+}
+
 async fn missing_network_definition(
     vmi: &VirtualMachineInstance,
     ctx: &Context,
