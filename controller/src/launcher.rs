@@ -38,6 +38,18 @@ pub const VMI_DIR: &str = "/var/run/ferrovirt/vmi";
 pub const VMIS_HOST_DIR: &str = "/var/run/ferrovirt/vmis";
 /// The launcher container's name; `fvctl console` attaches to it.
 pub const COMPUTE: &str = "compute";
+/// Where containerDisk containers find `ferrovirt-container-disk` (an emptyDir that an init
+/// container of the launcher image fills).
+pub const CONTAINER_DISK_BIN_DIR: &str = "/var/run/ferrovirt/container-disk";
+/// `ferrovirt-container-disk` in the launcher image.
+const CONTAINER_DISK_PROGRAM: &str = "ferrovirt-container-disk";
+
+/// The name of the container that holds the image of the VMI's volume number `index` (in
+/// `spec.volumes`), a containerDisk: a native sidecar (an init container that restarts
+/// always), so it runs before the VMM and does not keep the pod up after it.
+pub fn container_disk_container(index: usize) -> String {
+    format!("volume-{index}")
+}
 
 /// Memory the launcher pod needs beyond guest RAM: the VMM (2.7 MiB RSS measured by the
 /// `vmm-startup` suite) plus its vhost-user backends, io_uring rings and page tables, with room.
@@ -223,6 +235,15 @@ fn pod_volume(v: &Volume) -> Option<PodVolume> {
             ..Default::default()
         });
     }
+    if v.container_disk.is_some() {
+        // The agent copies the image's disk here: the VM's writes are the pod's, and go
+        // with it.
+        return Some(PodVolume {
+            name,
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+    }
     if let Some(empty) = &v.empty_disk {
         return Some(PodVolume {
             name,
@@ -234,6 +255,80 @@ fn pod_volume(v: &Volume) -> Option<PodVolume> {
         });
     }
     None
+}
+
+/// For containerDisk volumes: an init container that installs `ferrovirt-container-disk`
+/// from the launcher image into a shared emptyDir, then one sidecar per volume running it in
+/// the volume's image (which need hold nothing but the disk).
+fn container_disk_containers(
+    vmi: &VirtualMachineInstance,
+    cfg: &LauncherConfig,
+    pod_volumes: &mut Vec<PodVolume>,
+) -> Option<Vec<Container>> {
+    let bin = "container-disk-bin";
+    let mount = |read_only| VolumeMount {
+        name: bin.into(),
+        mount_path: CONTAINER_DISK_BIN_DIR.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let small = ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("10m".into())),
+            ("memory".to_owned(), Quantity("8Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("32Mi".into()),
+        )])),
+        ..Default::default()
+    };
+    let mut containers = Vec::new();
+    for (index, volume) in vmi.spec.volumes.iter().enumerate() {
+        let Some(disk) = &volume.container_disk else {
+            continue;
+        };
+        if containers.is_empty() {
+            containers.push(Container {
+                name: "container-disk-install".into(),
+                image: Some(cfg.image.clone()),
+                image_pull_policy: Some(cfg.pull_policy.clone()),
+                command: Some(vec![
+                    format!("/usr/bin/{CONTAINER_DISK_PROGRAM}"),
+                    "install".into(),
+                    CONTAINER_DISK_BIN_DIR.into(),
+                ]),
+                volume_mounts: Some(vec![mount(false)]),
+                resources: Some(small.clone()),
+                ..Default::default()
+            });
+        }
+        let pull = disk.image_pull_policy.map(|p| format!("{p:?}"));
+        containers.push(Container {
+            name: container_disk_container(index),
+            image: Some(disk.image.clone()),
+            image_pull_policy: pull,
+            command: Some(vec![
+                format!("{CONTAINER_DISK_BIN_DIR}/{CONTAINER_DISK_PROGRAM}"),
+                "serve".into(),
+                "--disk".into(),
+                disk.path.clone().unwrap_or_else(|| "/disk".into()),
+            ]),
+            restart_policy: Some("Always".into()),
+            volume_mounts: Some(vec![mount(true)]),
+            resources: Some(small.clone()),
+            ..Default::default()
+        });
+    }
+    if containers.is_empty() {
+        return None;
+    }
+    pod_volumes.push(PodVolume {
+        name: bin.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    });
+    Some(containers)
 }
 
 /// Multus annotations for the VMI's `multus` networks: secondary ones as the `networks` list
@@ -375,6 +470,7 @@ pub fn pod(
             ..Default::default()
         },
         spec: Some(PodSpec {
+            init_containers: container_disk_containers(vmi, cfg, &mut pod_volumes),
             containers: vec![container],
             restart_policy: Some("Never".into()),
             // The VMM gets the guest's grace period plus time to flush and exit.

@@ -149,6 +149,44 @@ pub fn try_agent_binary() -> Result<PathBuf, ArtifactError> {
     .clone()
 }
 
+/// Returns `ferrovirt-container-disk`, linked static (it runs inside container-disk images
+/// that hold no C library): `$FERROVIRT_CONTAINER_DISK` if set, else a release build for the
+/// explicit host target made once per process (so its RUSTFLAGS do not touch other builds).
+pub fn try_container_disk_binary() -> Result<PathBuf, ArtifactError> {
+    static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = override_path("FERROVIRT_CONTAINER_DISK")? {
+            return Ok(path);
+        }
+        const TARGET: &str = "x86_64-unknown-linux-gnu";
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--release",
+            "-p",
+            "ferrovirt-container-disk",
+            "--target",
+            TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(repo_root());
+        let command = format!(
+            "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p ferrovirt-container-disk --target {TARGET}"
+        );
+        run_locked(&mut cmd, &command, "controller")?;
+        let path = target_dir()
+            .join(TARGET)
+            .join("release")
+            .join("ferrovirt-container-disk");
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(ArtifactError::MissingOutput { command, path })
+        }
+    })
+    .clone()
+}
+
 /// Returns fvctl: `$FERROVIRT_FVCTL` if set, else a release build made once per process.
 pub fn try_fvctl_binary() -> Result<PathBuf, ArtifactError> {
     static BIN: OnceLock<Result<PathBuf, ArtifactError>> = OnceLock::new();

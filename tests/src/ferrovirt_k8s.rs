@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 
 use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
 use crate::{
-    GuardedProcess, ScratchDir, repo_root, try_controller_binary, try_testguest, try_vmm_binary,
+    GuardedProcess, ScratchDir, repo_root, try_container_disk_binary, try_controller_binary,
+    try_testguest, try_vmm_binary,
 };
 
 /// The stand-in launcher image.
@@ -93,8 +94,10 @@ pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
     DONE.get_or_init(|| {
         let vmm = try_vmm_binary().map_err(|e| e.to_string())?;
         let guest = try_testguest().map_err(|e| e.to_string())?;
+        let container_disk = try_container_disk_binary().map_err(|e| e.to_string())?;
         let mut image = OciImage::new(FERROVIRT_LAUNCHER_IMAGE)
             .file(&vmm, "/usr/bin/ferrovirt-vmm")
+            .file(&container_disk, "/usr/bin/ferrovirt-container-disk")
             .file(&guest, "/usr/share/ferrovirt/testguest")
             .dir("/tmp", 0o1777)
             .dir("/var/run/ferrovirt/vmi", 0o755)

@@ -117,6 +117,11 @@ impl Cluster {
         })
     }
 
+    /// The cluster's containerd socket (for `ctr -a`).
+    pub fn containerd_socket(&self) -> &Path {
+        &self.containerd
+    }
+
     /// The admin (system:masters) kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

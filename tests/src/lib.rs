@@ -27,9 +27,9 @@ pub mod vmm;
 pub mod xdp_live_frames;
 
 pub use artifacts::{
-    repo_root, testguest, try_agent_binary, try_cni_binary, try_controller_binary,
-    try_fvctl_binary, try_testguest, try_vhost_blk_binary, try_vhost_net_binary, try_vmm_binary,
-    vhost_blk_binary, vhost_net_binary, vmm_binary,
+    repo_root, testguest, try_agent_binary, try_cni_binary, try_container_disk_binary,
+    try_controller_binary, try_fvctl_binary, try_testguest, try_vhost_blk_binary,
+    try_vhost_net_binary, try_vmm_binary, vhost_blk_binary, vhost_net_binary, vmm_binary,
 };
 pub use kernel::{DebianKernel, debian_kernel, debian_kernel_info};
 pub use names::{BpfPinDir, CleanupGuard, Link, NetNs, Tap, link_exists, unique_name};

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ferrovirt_tests::agent::AgentProcess;
 use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at};
-use ferrovirt_tests::k8s::{Cluster, Namespace, wait_for};
+use ferrovirt_tests::k8s::{Cluster, Namespace, OciImage, wait_for};
 use ferrovirt_tests::{ScratchDir, blk_pattern};
 use serde_json::Value;
 
@@ -909,6 +909,75 @@ fn persistent_volume_claims_on_local_volumes_serve_disks_in_filesystem_and_block
             .kubectl(&["delete", "vmi", name, "--wait=true", "--timeout=90s"])
             .unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+#[test]
+fn a_container_disk_is_copied_from_its_image_and_the_guest_reads_the_images_bytes() {
+    let node = Node::start("node-cdisk");
+    // An image with the disk and nothing else (no shell, no C library), as KubeVirt's
+    // containerDisk images are: 2048 sectors of pattern 51, then 1 MiB of zeroes.
+    let dir = ScratchDir::new("node-cdisk").unwrap_or_else(|e| panic!("{e}"));
+    let disk = dir.join("disk.img");
+    let mut bytes: Vec<u8> = (0..2048)
+        .flat_map(|s| blk_pattern::sector_bytes(51, s))
+        .collect();
+    bytes.resize(2 << 20, 0);
+    std::fs::write(&disk, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let image = format!("ferrovirt.io/{}-disk:test", node.ns.name());
+    cluster()
+        .load_image(&OciImage::new(&image).file(&disk, "/disk/cirros.img"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    node.ns
+        .apply(&vmi_yaml(
+            "fromimage",
+            "scenario=blk blk_mode=verify blk_seed=51 blk_sectors=2048",
+            &format!("containerDisk: {{image: {image}, imagePullPolicy: Never}}"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The guest read the image's pattern; its VMM's exit ends the pod although the disk's
+    // container (a sidecar) was still running.
+    let v = node.wait_phase("fromimage", "Succeeded");
+    let log = node
+        .ns
+        .kubectl(&["logs", "virt-launcher-fromimage", "-c", "compute"])
+        .unwrap_or_default();
+    assert!(log.contains("testguest: PASS blk"), "launcher log:\n{log}");
+    let sidecar = node
+        .ns
+        .kubectl(&["logs", "virt-launcher-fromimage", "-c", "volume-0"])
+        .unwrap_or_default();
+    assert!(
+        sidecar.contains("serving /disk"),
+        "container disk log:\n{sidecar}"
+    );
+    assert_node_clean(str_at(&v, "/metadata/uid"), &Value::Null);
+    // A disk path the image does not have: a condition, nothing left running.
+    node.ns
+        .apply(&vmi_yaml(
+            "nodisk",
+            "scenario=idle",
+            &format!(
+                "containerDisk: {{image: {image}, imagePullPolicy: Never, path: /disk/nosuch.img}}"
+            ),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_vmi("nodisk", "a LaunchFailed condition", |v| {
+        v["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                str_at(c, "/reason") == "LaunchFailed"
+                    && str_at(c, "/message").contains("nosuch.img")
+            })
+        })
+    });
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    node.wait_phase("nodisk", "Failed");
+    assert_node_clean(&uid, &Value::Null);
+    assert!(live_backends(&uid).is_empty());
+    let _ = std::process::Command::new("ctr")
+        .arg("-a")
+        .arg(cluster().containerd_socket())
+        .args(["-n", "k8s.io", "images", "rm", &image])
+        .status();
 }
 
 #[test]

@@ -17,9 +17,11 @@ use ferrovirt_runtime::api::VmState;
 
 use super::vmm_api;
 use crate::crd::VirtualMachineInstance;
-use crate::crd::spec::{HostDiskType, Interface, Network, Volume};
+use crate::crd::spec::{ContainerDisk, HostDiskType, Interface, Network, Volume};
 use crate::crd::vmi::InterfaceStatus;
-use crate::node::plan::{self, DISK_IMG, DISKS_DIR, Image, Plan, Resolver, SocketDirs, Tap};
+use crate::node::plan::{
+    self, CopySource, DISK_IMG, DISKS_DIR, Image, Plan, Resolver, SocketDirs, Tap,
+};
 use crate::node::process::{self, Binaries};
 use kube::ResourceExt;
 
@@ -104,8 +106,7 @@ struct PodResolver<'a> {
     /// cloud-init's instance-id (`<name>.<namespace>`, as KubeVirt) and hostname.
     instance_id: &'a str,
     hostname: &'a str,
-    /// Volume name → its claim's capacity in bytes.
-    claim_sizes: &'a BTreeMap<String, u64>,
+    volumes: &'a VolumeSources,
     nics: &'a [AttachmentRecord],
     next_nic: usize,
 }
@@ -148,7 +149,7 @@ impl Resolver for PodResolver<'_> {
                 });
             }
             let fits = filesystem_disk_size(&mounted);
-            let claimed = self.claim_sizes.get(&volume.name).copied();
+            let claimed = self.volumes.claim_sizes.get(&volume.name).copied();
             return Ok(Image {
                 path: mounted.join(DISK_IMG),
                 create_size: match (fits, claimed) {
@@ -159,14 +160,31 @@ impl Resolver for PodResolver<'_> {
                 ..Default::default()
             });
         }
+        if let Some(disk) = &volume.container_disk {
+            let root = self
+                .volumes
+                .container_roots
+                .get(&volume.name)
+                .ok_or_else(|| {
+                    plan::unsupported(
+                        volume,
+                        format!(
+                            "the container of image {} is not running in the launcher pod",
+                            disk.image
+                        ),
+                    )
+                })?;
+            return Ok(Image {
+                path: mounted.join(DISK_IMG),
+                copy_from: Some(container_disk_file(root, volume, disk)?),
+                ..Default::default()
+            });
+        }
         let cidata = self.dir.join(format!("{}.cidata.img", volume.name));
         if let Some(image) = plan::nocloud_image(volume, cidata, self.instance_id, self.hostname) {
             return image;
         }
-        Err(plan::unsupported(
-            volume,
-            "containerDisk volumes are not served by this node agent yet; use hostDisk, emptyDisk, persistentVolumeClaim or cloudInitNoCloud",
-        ))
+        Err(plan::unsupported(volume, "the volume has no source"))
     }
 
     fn tap(&mut self, interface: &Interface, _: &Network, _: usize) -> Result<Tap, plan::Error> {
@@ -199,6 +217,49 @@ impl Resolver for PodResolver<'_> {
             mtu: vhost.mtu.and_then(|m| u16::try_from(m).ok()),
             mac: vhost.mac.to_string().parse().ok(),
         })
+    }
+}
+
+/// The disk file of a container disk whose container's root is `root`: `path`, else the
+/// single file in `/disk`.
+fn container_disk_file(
+    root: &Path,
+    volume: &Volume,
+    disk: &ContainerDisk,
+) -> Result<CopySource, plan::Error> {
+    let source = |path: PathBuf| CopySource {
+        root: root.to_owned(),
+        path,
+    };
+    if let Some(path) = &disk.path {
+        return Ok(source(PathBuf::from(path)));
+    }
+    let dir = root.join("disk");
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| {
+            plan::unsupported(
+                volume,
+                format!(
+                    "image {} has no /disk directory ({e}); set containerDisk.path",
+                    disk.image
+                ),
+            )
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    match files.as_slice() {
+        [file] => Ok(source(
+            Path::new("/disk").join(file.file_name().unwrap_or_default()),
+        )),
+        _ => Err(plan::unsupported(
+            volume,
+            format!(
+                "image {} holds {} files in /disk; set containerDisk.path to the disk's",
+                disk.image,
+                files.len()
+            ),
+        )),
     }
 }
 
@@ -304,8 +365,33 @@ pub struct Launch<'a> {
     pub bin: &'a Binaries,
     pub dir: &'a Path,
     pub cni_state_dir: &'a Path,
+    pub volumes: &'a VolumeSources,
+}
+
+/// What the agent learnt about the VMI's volumes from the API server and the pod.
+#[derive(Debug, Default)]
+pub struct VolumeSources {
     /// Volume name → the capacity of its PersistentVolumeClaim, in bytes.
-    pub claim_sizes: &'a BTreeMap<String, u64>,
+    pub claim_sizes: BTreeMap<String, u64>,
+    /// Volume name → the root file system of its containerDisk's container
+    /// (`/proc/PID/root`).
+    pub container_roots: BTreeMap<String, PathBuf>,
+}
+
+/// The pid of a process of the container `container_id` (its cgroup path names the ID, as
+/// with containerd and runc under both cgroup drivers).
+pub fn container_pid(container_id: &str) -> Option<i32> {
+    if container_id.len() < 12 {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(container_id))
+        })
 }
 
 /// Children the agent started; reaped so they leave no zombies.
@@ -347,7 +433,7 @@ impl Launch<'_> {
                 dir: self.dir,
                 instance_id: &instance_id,
                 hostname: &hostname,
-                claim_sizes: self.claim_sizes,
+                volumes: self.volumes,
                 nics: &records,
                 next_nic: 0,
             },

@@ -33,9 +33,9 @@ use crate::crd::status::PhaseTransition;
 use crate::crd::status::set_condition;
 use crate::crd::vmi::VirtualMachineInstanceStatus;
 use crate::crd::{Condition, ConditionStatus, VirtualMachineInstance, VmiPhase};
-use crate::launcher::{COMPUTE, LABEL_ROLE, LABEL_VMI_UID};
+use crate::launcher::{COMPUTE, LABEL_ROLE, LABEL_VMI_UID, container_disk_container};
 use crate::node::process::Binaries;
-use launch::{Children, Launch, Started};
+use launch::{Children, Launch, Started, VolumeSources};
 
 /// The field manager of the agent's status writes.
 pub const MANAGER: &str = "ferrovirt-agent";
@@ -205,12 +205,15 @@ async fn start(pod: &Pod, ctx: &Ctx, uid: &str, dir: &std::path::Path) -> Result
     else {
         return Ok(Action::await_change());
     };
-    let claim_sizes = claim_sizes(ctx, &vmi).await?;
+    let volumes = VolumeSources {
+        claim_sizes: claim_sizes(ctx, &vmi).await?,
+        container_roots: container_roots(pod, &vmi),
+    };
     let launch = Launch {
         bin: &ctx.cfg.bin,
         dir,
         cni_state_dir: &ctx.cfg.cni_state_dir,
-        claim_sizes: &claim_sizes,
+        volumes: &volumes,
     };
     match launch.start(&vmi, &ctx.children).await {
         Ok(started) => {
@@ -267,6 +270,34 @@ async fn claim_sizes(
         }
     }
     Ok(sizes)
+}
+
+/// Volume name → `/proc/PID/root` of its containerDisk container, for those that run.
+fn container_roots(pod: &Pod, vmi: &VirtualMachineInstance) -> BTreeMap<String, PathBuf> {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref());
+    let mut roots = BTreeMap::new();
+    for (index, volume) in vmi.spec.volumes.iter().enumerate() {
+        if volume.container_disk.is_none() {
+            continue;
+        }
+        let name = container_disk_container(index);
+        let id = statuses
+            .into_iter()
+            .flatten()
+            .find(|s| s.name == name && s.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .and_then(|s| s.container_id.as_deref())
+            .and_then(|id| id.split_once("://").map(|(_, id)| id.to_owned()));
+        if let Some(pid) = id.as_deref().and_then(launch::container_pid) {
+            roots.insert(
+                volume.name.clone(),
+                PathBuf::from(format!("/proc/{pid}/root")),
+            );
+        }
+    }
+    roots
 }
 
 /// When the compute container started running.

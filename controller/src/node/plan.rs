@@ -57,6 +57,19 @@ pub struct Image {
     pub read_only: bool,
     /// Write this cloud-init NoCloud disk to `path` before the backend starts.
     pub nocloud: Option<NoCloud>,
+    /// Copy this file (sparse) to `path` when `path` does not exist: a container disk's
+    /// image, which the VM writes to a copy of its own.
+    pub copy_from: Option<CopySource>,
+}
+
+/// A file inside another root file system (a container's `/proc/PID/root`). It is opened
+/// with the path resolved inside `root`, so a symlink in the image cannot point the node at
+/// its own files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySource {
+    pub root: PathBuf,
+    /// The file's path inside `root`.
+    pub path: PathBuf,
 }
 
 /// Where an interface's frames go.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::plan::{DiskBackend, Image, NetBackend};
+use super::plan::{CopySource, DiskBackend, Image, NetBackend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -86,6 +86,10 @@ pub fn prepare_image(image: &Image) -> Result<bool, Error> {
     match OpenOptions::new().read(true).open(&image.path) {
         Ok(_) => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(source) = &image.copy_from {
+                sparse_copy(source, &image.path)?;
+                return Ok(true);
+            }
             let Some(size) = image.create_size else {
                 return Err(Error::MissingImage(image.path.clone()));
             };
@@ -103,6 +107,59 @@ pub fn prepare_image(image: &Image) -> Result<bool, Error> {
         }
         Err(e) => Err(Error::Unreadable(image.path.clone(), e)),
     }
+}
+
+/// Copies `from` to `to` leaving holes where `from` reads as zeroes (a container disk's image
+/// is mostly empty); through a temporary file, so `to` exists only once it is whole.
+fn sparse_copy(source: &CopySource, to: &Path) -> Result<(), Error> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const CHUNK: usize = 1 << 20;
+    let from = &source.path;
+    let mut source = match open_in_root(source) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::MissingImage(from.to_owned()));
+        }
+        Err(e) => return Err(Error::Unreadable(from.to_owned(), e)),
+    };
+    let tmp = to.with_extension("partial");
+    let create = |e| Error::Create(to.to_owned(), e);
+    let mut out = std::fs::File::create(&tmp).map_err(create)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = source
+            .read(&mut buf)
+            .map_err(|e| Error::Unreadable(from.to_owned(), e))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|b| *b == 0) {
+            out.seek(SeekFrom::Current(n as i64)).map_err(create)?;
+        } else {
+            out.write_all(&buf[..n]).map_err(create)?;
+        }
+        len += n as u64;
+    }
+    out.set_len(len).map_err(create)?;
+    out.sync_all().map_err(create)?;
+    std::fs::rename(&tmp, to).map_err(create)
+}
+
+/// Opens `source.path` read-only with every component, symlinks included, resolved inside
+/// `source.root` (openat2 RESOLVE_IN_ROOT).
+fn open_in_root(source: &CopySource) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let root = std::fs::File::open(&source.root)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(&root, &source.path, how).map_err(std::io::Error::from)?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
 }
 
 /// The `ferrovirt-vhost-blk` command for `disk`.
@@ -227,6 +284,62 @@ impl Drop for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_disks_are_copied_once_with_their_holes() {
+        let dir = ferrovirt_tests::ScratchDir::new("node-copy").unwrap();
+        let source = dir.join("src.img");
+        let mut bytes = vec![0u8; 5 << 20];
+        bytes[..4096].fill(0xab);
+        bytes[(3 << 20) + 17] = 1;
+        std::fs::write(&source, &bytes).unwrap();
+        let in_dir = |path: &str| {
+            Some(CopySource {
+                root: dir.path().to_owned(),
+                path: PathBuf::from(path),
+            })
+        };
+        let image = Image {
+            path: dir.join("disk.img"),
+            copy_from: in_dir("/src.img"),
+            ..Default::default()
+        };
+        assert!(prepare_image(&image).unwrap());
+        assert_eq!(std::fs::read(&image.path).unwrap(), bytes);
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&image.path).unwrap().blocks();
+        assert!(
+            blocks <= 2 * 2048 + 64,
+            "holes were filled: {blocks} blocks"
+        );
+        // The VM's copy is kept: a second start does not copy again.
+        std::fs::write(&image.path, b"written by the guest").unwrap();
+        assert!(!prepare_image(&image).unwrap());
+        assert_eq!(std::fs::read(&image.path).unwrap(), b"written by the guest");
+        let missing = Image {
+            path: dir.join("other.img"),
+            copy_from: in_dir("/nosuch.img"),
+            ..Default::default()
+        };
+        let err = prepare_image(&missing).unwrap_err();
+        assert!(
+            err.to_string().contains("nosuch.img does not exist"),
+            "{err}"
+        );
+        assert!(!missing.path.exists() && !dir.join("other.partial").exists());
+        // A symlink in the image to a file of the node resolves inside the image's root.
+        let host = ferrovirt_tests::ScratchDir::new("node-copy-host").unwrap();
+        std::fs::write(host.join("secret"), b"node only").unwrap();
+        std::os::unix::fs::symlink(host.join("secret"), dir.join("link.img")).unwrap();
+        let escape = Image {
+            path: dir.join("escaped.img"),
+            copy_from: in_dir("/link.img"),
+            ..Default::default()
+        };
+        let err = prepare_image(&escape).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!escape.path.exists());
+    }
 
     #[test]
     fn images_are_created_sparse_only_when_asked() {
