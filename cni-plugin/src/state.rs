@@ -57,6 +57,10 @@ pub struct AttachmentRecord {
     pub container_id: String,
     pub ifname: String,
     pub netns: Option<PathBuf>,
+    /// The inode of `netns` when the attachment was made: how a node agent in a pod, which
+    /// may not see the runtime's netns path, matches the record to a process's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
     pub mode: Mode,
     /// Set before the IPAM plugin is asked, so a crash after it still releases the lease.
     pub ipam_leased: bool,
@@ -67,9 +71,14 @@ pub struct AttachmentRecord {
 
 impl AttachmentRecord {
     pub fn new(container_id: &str, ifname: &str, netns: Option<PathBuf>, mode: Mode) -> Self {
+        use std::os::unix::fs::MetadataExt;
         AttachmentRecord {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
+            netns_inode: netns
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| m.ino()),
             netns,
             mode,
             ipam_leased: false,

@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 
 use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
 use crate::{
-    GuardedProcess, ScratchDir, repo_root, try_container_disk_binary, try_controller_binary,
-    try_testguest, try_vmm_binary,
+    GuardedProcess, ScratchDir, repo_root, try_agent_binary, try_container_disk_binary,
+    try_controller_binary, try_testguest, try_vhost_blk_binary, try_vhost_net_binary,
+    try_vmm_binary,
 };
 
 /// The stand-in launcher image.
@@ -106,19 +107,58 @@ pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
                 "--api-socket",
                 "/var/run/ferrovirt/vmi/vmm.sock",
             ]);
-        for lib in shared_libraries(&vmm)? {
-            // The file itself at the path the binary asks for (the loader's path is a symlink
-            // on the host).
-            let file = lib
-                .canonicalize()
-                .map_err(|e| format!("{}: {e}", lib.display()))?;
-            image = image.file(&file, &lib.display().to_string());
-        }
+        image = with_libraries(image, shared_libraries(&vmm)?)?;
         cluster
             .load_image(&image)
             .map_err(|e| format!("cannot load the launcher image: {e}"))
     })
     .clone()
+}
+
+/// The agent's image: `ferrovirt-agent`, `ferrovirt-vhost-blk` and `ferrovirt-vhost-net` from
+/// the release build in `/usr/bin` with their C libraries, entrypoint the agent (deploy/'s
+/// README gives the same build for a registry).
+pub const FERROVIRT_AGENT_IMAGE: &str = "ferrovirt.io/agent:test";
+
+/// Builds [`FERROVIRT_AGENT_IMAGE`] and loads it, once per process.
+pub fn load_agent_image(cluster: &Cluster) -> Result<(), String> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let binaries = [
+            try_agent_binary().map_err(|e| e.to_string())?,
+            try_vhost_blk_binary().map_err(|e| e.to_string())?,
+            try_vhost_net_binary().map_err(|e| e.to_string())?,
+        ];
+        let mut image = OciImage::new(FERROVIRT_AGENT_IMAGE)
+            .dir("/tmp", 0o1777)
+            .entrypoint(&["/usr/bin/ferrovirt-agent"]);
+        let mut libraries = std::collections::BTreeSet::new();
+        for binary in &binaries {
+            let name = binary.file_name().unwrap_or_default().to_string_lossy();
+            image = image.file(binary, &format!("/usr/bin/{name}"));
+            libraries.extend(shared_libraries(binary)?);
+        }
+        image = with_libraries(image, libraries)?;
+        cluster
+            .load_image(&image)
+            .map_err(|e| format!("cannot load the agent image: {e}"))
+    })
+    .clone()
+}
+
+/// `image` with each of `libraries` (the file itself at the path a binary asks for: the
+/// loader's path is a symlink on the host).
+fn with_libraries(
+    mut image: OciImage,
+    libraries: impl IntoIterator<Item = PathBuf>,
+) -> Result<OciImage, String> {
+    for lib in libraries {
+        let file = lib
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", lib.display()))?;
+        image = image.file(&file, &lib.display().to_string());
+    }
+    Ok(image)
 }
 
 /// The shared libraries `binary` loads (ldd's list, with the dynamic loader).

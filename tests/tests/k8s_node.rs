@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use ferrovirt_tests::agent::AgentProcess;
+use ferrovirt_tests::agent::AgentPod;
 use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at};
 use ferrovirt_tests::k8s::{Cluster, Namespace, OciImage, wait_for};
 use ferrovirt_tests::{ScratchDir, blk_pattern};
@@ -37,7 +37,7 @@ fn turn() -> MutexGuard<'static, ()> {
 
 struct Node {
     ns: Namespace,
-    agent: Option<AgentProcess>,
+    agent: AgentPod,
     _controller: ControllerProcess,
     _turn: MutexGuard<'static, ()>,
 }
@@ -53,7 +53,7 @@ impl Node {
             &["--no-leader-elect"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let agent = Some(agent(cluster));
+        let agent = AgentPod::start(cluster).unwrap_or_else(|e| panic!("{e}"));
         Node {
             ns,
             agent,
@@ -67,12 +67,8 @@ impl Node {
     }
 
     fn wait_vmi(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        ferrovirt_k8s::wait_json(&self.ns, "vmi", name, what, WAIT, check).unwrap_or_else(|e| {
-            panic!(
-                "{e}\nagent log:\n{}",
-                self.agent.as_ref().map(|a| a.stderr()).unwrap_or_default()
-            )
-        })
+        ferrovirt_k8s::wait_json(&self.ns, "vmi", name, what, WAIT, check)
+            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.agent.logs()))
     }
 
     /// Waits until the launcher pod `pod`'s log (the guest's console) shows `text`.
@@ -89,10 +85,6 @@ impl Node {
             str_at(v, "/status/phase") == phase
         })
     }
-}
-
-fn agent(cluster: &Cluster) -> AgentProcess {
-    AgentProcess::start_as_service_account(cluster, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A VMI of the test guest with `kernel_args`, `devices` (a YAML flow map) and the rest of
@@ -201,6 +193,16 @@ fn a_vmi_boots_in_its_launcher_pod_and_its_writes_reach_the_host_image() {
         .unwrap_or_default();
     assert!(phases.contains(&"Running"), "phases: {phases:?}");
     assert_eq!(str_at(&v, "/status/nodeName"), "localhost");
+    // The agent says the VM is no longer ready.
+    node.wait_vmi("writer", "Ready=False VMStopped", |v| {
+        v["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                str_at(c, "/type") == "Ready"
+                    && str_at(c, "/status") == "False"
+                    && str_at(c, "/reason") == "VMStopped"
+            })
+        })
+    });
     let bytes = std::fs::read(&image).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(bytes.len(), 4 << 20);
     assert_eq!(blk_pattern::first_mismatch(&bytes, 23, 0..2048), None);
@@ -278,7 +280,7 @@ fn a_running_vmi_is_reported_and_deleting_it_leaves_nothing() {
 
 #[test]
 fn a_restarted_agent_adopts_running_vms_without_restarting_them() {
-    let mut node = Node::start("node-adopt");
+    let node = Node::start("node-adopt");
     node.ns
         .apply(&vmi_yaml(
             "kept",
@@ -289,12 +291,11 @@ fn a_restarted_agent_adopts_running_vms_without_restarting_them() {
     let v = node.wait_phase("kept", "Running");
     let uid = str_at(&v, "/metadata/uid").to_owned();
     let before = agent_record(&uid).expect("record");
-    // SIGKILL: no chance to tidy up.
-    if let Some(mut agent) = node.agent.take() {
-        let _ = agent.process.kill();
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    node.agent = Some(agent(cluster()));
+    // SIGKILL: no chance to tidy up. The kubelet starts the agent's container again.
+    let old = node.agent.kill().unwrap_or_else(|e| panic!("{e}"));
+    node.agent
+        .wait_restarted(old)
+        .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_secs(5));
     let after = agent_record(&uid).expect("record after the restart");
     assert_eq!(before, after, "the VM or its backends were restarted");
@@ -336,7 +337,7 @@ fn live_backends(uid: &str) -> Vec<i32> {
 #[test]
 fn an_agent_killed_during_start_up_is_resumed_without_starting_anything_twice_and_cloud_init_is_served()
  {
-    let mut node = Node::start("node-startkill");
+    let node = Node::start("node-startkill");
     node.ns
         .apply(&test_guest_vmi(
             "early",
@@ -352,7 +353,7 @@ fn an_agent_killed_during_start_up_is_resumed_without_starting_anything_twice_an
     let dir = Path::new(VMIS_DIR).join(&uid);
     // The agent opens a backend's log just before starting it: freeze the agent there, then
     // kill it, so it dies with its start half done.
-    let agent_pid = node.agent.as_ref().map_or(0, |a| a.process.pid());
+    let agent_pid = node.agent.pid().expect("the agent runs");
     let deadline = std::time::Instant::now() + WAIT;
     while !dir.join("disk-a.log").exists() {
         // A tight loop: the whole start takes milliseconds.
@@ -372,11 +373,12 @@ fn an_agent_killed_during_start_up_is_resumed_without_starting_anything_twice_an
         frozen.as_ref().is_none_or(|r| r["booted"] != true),
         "the agent was stopped after the boot, not during the start: {frozen:?}"
     );
-    if let Some(mut agent) = node.agent.take() {
-        let _ = agent.process.kill();
-    }
+    let old = node.agent.kill().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(old, agent_pid);
     let half_started = live_backends(&uid);
-    node.agent = Some(agent(cluster()));
+    node.agent
+        .wait_restarted(old)
+        .unwrap_or_else(|e| panic!("{e}"));
     let v = node.wait_phase("early", "Running");
     let record = agent_record(&uid).expect("the new agent's record");
     assert_eq!(record["booted"], true, "{record}");
@@ -558,8 +560,8 @@ impl VmNetwork {
         }
     }
 
-    fn cni_state_dir(&self) -> String {
-        self.state.join("cni").display().to_string()
+    fn cni_state_dir(&self) -> PathBuf {
+        self.state.join("cni")
     }
 }
 
@@ -599,12 +601,11 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
         &["--no-leader-elect", "--vm-runtime-class", "ferrovirt"],
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let agent =
-        AgentProcess::start_as_service_account(cluster, &["--cni-state-dir", &net.cni_state_dir()])
-            .unwrap_or_else(|e| panic!("{e}"));
+    let agent = AgentPod::start_with_cni_state(cluster, Some(&net.cni_state_dir()))
+        .unwrap_or_else(|e| panic!("{e}"));
     let node = Node {
         ns,
-        agent: Some(agent),
+        agent,
         _controller,
         _turn: turn,
     };

@@ -292,11 +292,11 @@ fn cni_records(state_dir: &Path, netns_inode: u64) -> Result<Vec<AttachmentRecor
             let Ok(record) = serde_json::from_slice::<AttachmentRecord>(&text) else {
                 continue;
             };
-            let same_netns = record
-                .netns
-                .as_ref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .is_some_and(|m| m.ino() == netns_inode);
+            let recorded = record.netns_inode.or_else(|| {
+                let path = record.netns.as_ref()?;
+                std::fs::metadata(path).ok().map(|m| m.ino())
+            });
+            let same_netns = recorded == Some(netns_inode);
             if same_netns && record.vhost_user.is_some() {
                 out.push(record);
             }

@@ -165,6 +165,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 return Ok(Action::requeue(Duration::from_millis(500)));
             }
             launch::teardown(&dir).await;
+            report_stopped(&ctx, &pod, &uid).await?;
             forget(&ctx, &uid);
             Ok(Action::await_change())
         }
@@ -395,6 +396,51 @@ async fn report_running(
         r.insert(uid);
     }
     Ok(())
+}
+
+/// `Ready=False` on a VMI whose VM has ended (the controller writes the final phase), when
+/// the VMI is still there and says Ready.
+async fn report_stopped(ctx: &Ctx, pod: &Pod, uid: &str) -> Result<(), Error> {
+    let Some(vmi) = vmi_of(ctx, pod)
+        .await?
+        .filter(|v| v.uid().as_deref() == Some(uid) && v.metadata.deletion_timestamp.is_none())
+    else {
+        return Ok(());
+    };
+    let mut status = agent_status(&vmi);
+    // The agent's other fields stay as they were (a field left out of an apply is dropped).
+    if let Some(old) = &vmi.status {
+        status.node_name = old.node_name.clone();
+        status.interfaces = old.interfaces.clone();
+    }
+    let ready = |c: &Condition| c.type_ == "Ready" && c.status == ConditionStatus::True;
+    if !status.conditions.iter().any(ready) {
+        return Ok(());
+    }
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            "VMStopped",
+            "the VM has stopped and its node resources are released",
+        ),
+        &now(),
+    );
+    let api: Api<VirtualMachineInstance> =
+        Api::namespaced(ctx.client.clone(), &vmi.namespace().unwrap_or_default());
+    match apply_status_as(
+        &api,
+        &vmi,
+        &status,
+        MANAGER,
+        vmi.resource_version().as_deref(),
+    )
+    .await
+    {
+        Err(crate::controllers::Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn report_failure(ctx: &Ctx, vmi: &VirtualMachineInstance, why: &str) -> Result<(), Error> {

@@ -43,37 +43,37 @@ pub enum Error {
     },
 }
 
-/// The programs a node runs.
+/// The backends a node runs for its VMs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
-    pub vmm: PathBuf,
     pub blk: PathBuf,
     pub net: PathBuf,
 }
 
 impl Binaries {
-    /// Finds the programs in `dir`, else next to the running program, else on PATH.
+    /// Finds the backends with [`find_program`].
     pub fn find(dir: Option<&Path>) -> Result<Binaries, Error> {
-        let own = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf));
-        let find = |name: &'static str| {
-            let mut dirs: Vec<PathBuf> = dir.into_iter().map(Path::to_path_buf).collect();
-            dirs.extend(own.clone());
-            if let Some(path) = std::env::var_os("PATH") {
-                dirs.extend(std::env::split_paths(&path));
-            }
-            dirs.into_iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-                .ok_or(Error::NoBinary(name))
-        };
         Ok(Binaries {
-            vmm: find("ferrovirt-vmm")?,
-            blk: find("ferrovirt-vhost-blk")?,
-            net: find("ferrovirt-vhost-net")?,
+            blk: find_program(dir, "ferrovirt-vhost-blk")?,
+            net: find_program(dir, "ferrovirt-vhost-net")?,
         })
     }
+}
+
+/// The program `name` in `dir`, else next to the running program, else on PATH.
+pub fn find_program(dir: Option<&Path>, name: &'static str) -> Result<PathBuf, Error> {
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let mut dirs: Vec<PathBuf> = dir.into_iter().map(Path::to_path_buf).collect();
+    dirs.extend(own);
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(Error::NoBinary(name))
 }
 
 /// Makes sure `image` can be served: creates it sparse when asked to, else checks it is there.

@@ -304,6 +304,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
         .map_err(|e| Error::Read(args.manifest.clone(), e))?;
     let (name, spec) = parse_manifest(&args.manifest, &text)?;
     let bin = Binaries::find(args.bin_dir.as_deref())?;
+    let vmm_program = process::find_program(args.bin_dir.as_deref(), "ferrovirt-vmm")?;
     let state = StateDir::claim(&args.state_dir, &name)?;
     let plan = plan::plan(
         &spec,
@@ -321,7 +322,7 @@ pub async fn run(args: &RunArgs) -> Result<u8, Error> {
     let json = serde_json::to_vec_pretty(&plan.vm).unwrap_or_default();
     std::fs::write(&config, json).map_err(|e| Error::Config(config.clone(), e))?;
     tracing::info!(vm = %name, disks = plan.disks.len(), nets = plan.nets.len(), "starting the VMM");
-    let status = run_vmm(&bin, &config).await?;
+    let status = run_vmm(&vmm_program, &config).await?;
     Ok(status)
 }
 
@@ -362,8 +363,8 @@ fn start_backends(
     Ok((taps, backends))
 }
 
-async fn run_vmm(bin: &Binaries, config: &Path) -> Result<u8, Error> {
-    let mut vmm = tokio::process::Command::new(&bin.vmm)
+async fn run_vmm(vmm_program: &Path, config: &Path) -> Result<u8, Error> {
+    let mut vmm = tokio::process::Command::new(vmm_program)
         .arg("--config")
         .arg(config)
         .kill_on_drop(true)
