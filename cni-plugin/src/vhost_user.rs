@@ -221,6 +221,13 @@ fn attach_endpoint(
         pin_dir: endpoint.pin_dir.clone(),
     })
     .map_err(attach_error)?;
+    // The first attachment to a network nobody set up on this node creates it (no VLAN).
+    if datapath
+        .ensure_network(endpoint.network)
+        .map_err(attach_error)?
+    {
+        tracing::info!(network = endpoint.network, "created the VM network");
+    }
     datapath
         .attach_endpoint(
             tap,

@@ -102,6 +102,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// Creates the network without a VLAN unless it exists, whose settings are kept (for a
+    /// CNI plugin's first attachment to a network nobody set up); whether it was created.
+    pub fn ensure_network(&self, id: NetworkId) -> Result<bool, DatapathError> {
+        let (mut state, _lock) = self.change()?;
+        Ok(forwarding::ensure_network(&mut state.maps, id)?)
+    }
+
     /// Removes the network; an error while endpoints are still on it. Detaches its uplink
     /// if no other network uses that.
     pub fn remove_network(&self, id: NetworkId) -> Result<(), DatapathError> {

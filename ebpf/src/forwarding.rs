@@ -119,6 +119,17 @@ pub(crate) fn add_network(
     Ok(write_network(maps, id, &net)?)
 }
 
+/// Creates network `id` without a VLAN unless it exists (whose settings are kept); whether
+/// it was created.
+pub(crate) fn ensure_network(maps: &mut Maps, id: NetworkId) -> Result<bool, ForwardingError> {
+    check_network_id(id)?;
+    if lookup("fv_networks", &maps.networks, &id)?.is_some() {
+        return Ok(false);
+    }
+    write_network(maps, id, &FvNetwork::default())?;
+    Ok(true)
+}
+
 /// Removes network `id` if no endpoint is on it; returns its uplink if no other network
 /// uses that uplink any more (its programs can be detached).
 pub(crate) fn remove_network(

@@ -274,6 +274,33 @@ fn attaching_to_an_unknown_network_says_so() {
 }
 
 #[test]
+fn ensure_network_creates_a_missing_network_once_and_keeps_an_existing_vlan() {
+    let dp = switch();
+    let tap = Tap::create("fvens", false).unwrap();
+    assert!(dp.ensure_network(43).unwrap());
+    assert!(!dp.ensure_network(43).unwrap());
+    let config = EndpointConfig {
+        network: 43,
+        ..endpoint()
+    };
+    dp.attach_endpoint(tap.name(), &config).unwrap();
+    assert!(!tcx_ingress_programs(tap.name()).is_empty());
+    dp.detach_endpoint(tap.name()).unwrap();
+    // A network an operator set up is left as it is.
+    dp.add_network(44, &NetworkConfig { vlan: Some(100) })
+        .unwrap();
+    assert!(!dp.ensure_network(44).unwrap());
+    let err = dp.ensure_network(0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatapathError::Forwarding(ForwardingError::InvalidNetworkId)
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn out_of_range_vlans_are_refused() {
     let dp = switch();
     for vlan in [0, 4095] {

@@ -170,6 +170,45 @@ fn assert_node_clean(uid: &str, record: &Value) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// What `fvctl console VMI` shows until `text` appears (at most 30 s), then detaches.
+fn fvctl_console(ns: &Namespace, vmi: &str, text: &str) -> String {
+    use std::io::{Read, Write};
+    let binary = ferrovirt_tests::try_fvctl_binary().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = std::process::Command::new(binary)
+        .env("KUBECONFIG", cluster().kubeconfig())
+        .args(["-n", ns.name(), "console", vmi])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("fvctl: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let text = text.to_owned();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&seen).contains(&text) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let seen = reader.join().unwrap_or_default();
+    // Ctrl+] detaches; the VM goes on.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&[0x1d]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
 #[test]
 fn a_vmi_boots_in_its_launcher_pod_and_its_writes_reach_the_host_image() {
     let node = Node::start("node-blk");
@@ -269,8 +308,14 @@ fn a_running_vmi_is_reported_and_deleting_it_leaves_nothing() {
         memory.contains(&format!("/pod{pod_uid}")),
         "the backend's memory cgroup is not the pod's: {memory}"
     );
-    // The guest runs: its console is the launcher's output.
+    // The guest runs: its console is the launcher's output, and `fvctl console` shows it
+    // live through the API server (attach replays nothing, so what it shows is new).
     node.wait_log("virt-launcher-idler", "testguest: idle 1");
+    let console = fvctl_console(&node.ns, "idler", "testguest: idle ");
+    assert!(
+        console.contains("testguest: idle "),
+        "fvctl console showed: {console:?}"
+    );
     node.ns
         .kubectl(&["delete", "vmi", "idler", "--wait=true", "--timeout=90s"])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -524,9 +569,7 @@ impl VmNetwork {
             pin_dir: pins.path().to_owned(),
         })
         .unwrap_or_else(|e| panic!("{e}"));
-        datapath
-            .add_network(7, &ferrovirt_ebpf::NetworkConfig { vlan: None })
-            .unwrap_or_else(|e| panic!("{e}"));
+        // Network 7 is not set up here: ferrovirt-cni creates it on the first attachment.
         let state = ScratchDir::new("vmnet").unwrap_or_else(|e| panic!("{e}"));
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
@@ -617,6 +660,14 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
         ))
         .unwrap_or_else(|e| panic!("{e}"));
     let b = node.wait_phase("receiver", "Running");
+    // `kubectl get vmi` shows the phase, the IP and the node.
+    let table = node
+        .ns
+        .kubectl(&["get", "vmi", "receiver"])
+        .unwrap_or_default();
+    for column in ["Running", "10.250.0.10", "localhost"] {
+        assert!(table.contains(column), "kubectl get vmi:\n{table}");
+    }
     let iface = &b["status"]["interfaces"][0];
     assert_eq!(str_at(iface, "/name"), "vmnet", "{iface}");
     assert_eq!(str_at(iface, "/ipAddress"), "10.250.0.10", "{iface}");
