@@ -55,7 +55,7 @@ pub enum ConfigError {
         expected: &'static str,
     },
     #[error(
-        "mode \"sriov\" needs \"deviceID\", the VF's PCI address (Multus injects it for an SR-IOV resource)"
+        "mode \"sriov\" needs \"deviceID\", the VF's PCI address (Multus injects it for an SR-IOV resource), or \"resourceName\", the device-plugin resource whose allocation to the pod names the VF"
     )]
     NoDeviceId,
 }
@@ -282,6 +282,14 @@ pub struct NetConf {
     pub min_tx_rate: Option<u32>,
     #[serde(default, rename = "max_tx_rate")]
     pub max_tx_rate: Option<u32>,
+    /// The device-plugin resource of the VFs (`devices.ferrovirt.io/sriov-<pool>`): without
+    /// `deviceID`, the VF is the pod's allocation of it in the kubelet's device checkpoint.
+    #[serde(default)]
+    pub resource_name: Option<String>,
+    /// Path of the kubelet's device checkpoint (default
+    /// /var/lib/kubelet/device-plugins/kubelet_internal_checkpoint).
+    #[serde(default)]
+    pub device_checkpoint: Option<PathBuf>,
 
     /// Anything else: rejected by [`parse_netconf`] so a typo cannot pass unnoticed.
     #[serde(flatten, skip_serializing)]
@@ -324,7 +332,9 @@ impl NetConf {
             ("networkId", self.network_id.is_some()),
             ("bpfPinDir", self.bpf_pin_dir.is_some()),
         ];
-        let sriov_keys: [(&'static str, bool); 8] = [
+        let sriov_keys: [(&'static str, bool); 10] = [
+            ("resourceName", self.resource_name.is_some()),
+            ("deviceCheckpoint", self.device_checkpoint.is_some()),
             ("vlan", self.vlan.is_some()),
             ("vlanQoS", self.vlan_qos.is_some()),
             ("vlanProto", self.vlan_proto.is_some()),
@@ -400,7 +410,7 @@ impl NetConf {
                 "it must not exceed max_tx_rate (0 means unlimited)",
             ));
         }
-        if self.mode == Mode::Sriov && self.device_id.is_none() {
+        if self.mode == Mode::Sriov && self.device_id.is_none() && self.resource_name.is_none() {
             return Err(ConfigError::NoDeviceId);
         }
         Ok(())

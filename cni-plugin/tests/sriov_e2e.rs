@@ -214,6 +214,61 @@ fn netdevice_vf_is_configured_moved_addressed_chained_with_tuning_and_restored()
 }
 
 #[test]
+fn without_a_device_id_the_vf_is_the_pods_allocation_in_the_kubelet_checkpoint() {
+    let fake = FakeSriov::new("vfio-pci");
+    let ns = NetNs::create("sr").unwrap();
+    let net = Network::new("sr-ckpt");
+    let a = Attachment::new(Some(ns.path()), "net1");
+    // The kubelet's device checkpoint, as a v1.34 kubelet writes it: our pod has the VF.
+    let checkpoint = fake.root().join("kubelet_internal_checkpoint");
+    std::fs::write(
+        &checkpoint,
+        json!({"Data": {"PodDeviceEntries": [
+            {"PodUID": "other", "ContainerName": "compute", "ResourceName": "devices.ferrovirt.io/sriov-a",
+             "DeviceIDs": {"-1": ["0000:5e:00.1"]}, "AllocResp": ""},
+            {"PodUID": "pod-1", "ContainerName": "compute", "ResourceName": "devices.ferrovirt.io/sriov-a",
+             "DeviceIDs": {"-1": [VF_PCI]}, "AllocResp": ""}],
+            "RegisteredDevices": {}}, "Checksum": 0})
+        .to_string(),
+    )
+    .unwrap();
+    let mut c = conf(
+        &net,
+        json!({"resourceName": "devices.ferrovirt.io/sriov-a", "deviceCheckpoint": checkpoint}),
+    );
+    c["cniVersion"] = json!("1.1.0");
+    if let Some(o) = c.as_object_mut() {
+        o.remove("deviceID");
+    }
+    let root = fake.root().display().to_string();
+    let run = |command: &str, pod_uid: &str| {
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=vm-a;K8S_POD_UID={pod_uid}"
+        );
+        call_plugin(
+            &plugin_binary(),
+            command,
+            Some(&a),
+            &c,
+            &[(SYSFS_ROOT_ENV, &root), ("CNI_ARGS", &args)],
+        )
+    };
+    // A pod without an allocation of the resource: a message, nothing touched.
+    let (_, msg) = run("ADD", "pod-2").error();
+    assert!(
+        msg.contains("no free devices.ferrovirt.io/sriov-a device"),
+        "{msg}"
+    );
+    assert_eq!(fake.vf_settings(), original());
+    let result = run("ADD", "pod-1").ok();
+    assert_eq!(result["interfaces"][0]["pciID"], VF_PCI);
+    assert_eq!(fake.vf_settings().vlan, 100);
+    run("DEL", "pod-1").ok();
+    assert_eq!(fake.vf_settings(), original());
+    assert!(net.leases().is_empty());
+}
+
+#[test]
 fn vfio_vf_stays_put_and_the_result_carries_its_pci_address() {
     let fake = FakeSriov::new("vfio-pci");
     let ns = NetNs::create("sr").unwrap();

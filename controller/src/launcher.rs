@@ -130,6 +130,7 @@ fn overhead(vmi: &VirtualMachineInstance) -> u64 {
 fn resources(
     vmi: &VirtualMachineInstance,
     cfg: &LauncherConfig,
+    devices: &BTreeMap<String, u64>,
 ) -> Result<ResourceRequirements, Error> {
     let overhead = overhead(vmi);
     let mut requests: BTreeMap<String, Quantity> = BTreeMap::new();
@@ -163,6 +164,10 @@ fn resources(
         // Extended resources must be requested and limited alike.
         requests.insert(cfg.kvm_resource.clone(), Quantity("1".into()));
         limits.insert(cfg.kvm_resource.clone(), Quantity("1".into()));
+    }
+    for (resource, count) in devices {
+        requests.insert(resource.clone(), Quantity(count.to_string()));
+        limits.insert(resource.clone(), Quantity(count.to_string()));
     }
     Ok(ResourceRequirements {
         requests: Some(requests),
@@ -400,15 +405,25 @@ pub fn pod_labels(vmi: &VirtualMachineInstance, role: &str) -> BTreeMap<String, 
     labels
 }
 
-/// The launcher pod of `vmi`, named `name`, with `role` (`launcher` or `migration-target`);
-/// `block` names the volumes whose claims have `volumeMode: Block`.
+/// What a launcher pod needs to know from objects other than its VMI.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInputs {
+    /// Volumes whose claims have `volumeMode: Block`.
+    pub block_volumes: BTreeSet<String>,
+    /// Device-plugin resources the VMI's networks need (their definitions'
+    /// `k8s.v1.cni.cncf.io/resourceName`, e.g. an SR-IOV pool) → how many.
+    pub network_resources: BTreeMap<String, u64>,
+}
+
+/// The launcher pod of `vmi`, named `name`, with `role` (`launcher` or `migration-target`).
 pub fn pod(
     vmi: &VirtualMachineInstance,
     name: &str,
     role: &str,
     cfg: &LauncherConfig,
-    block: &BTreeSet<String>,
+    inputs: &PodInputs,
 ) -> Result<Pod, Error> {
+    let block = &inputs.block_volumes;
     vmi.uid().ok_or(Error::NoUid)?;
     let namespace = vmi.namespace().unwrap_or_default();
     let spec = &vmi.spec;
@@ -452,7 +467,7 @@ pub fn pod(
             downward("FERROVIRT_POD_NAME", "metadata.name"),
             downward("FERROVIRT_NODE_NAME", "spec.nodeName"),
         ]),
-        resources: Some(resources(vmi, cfg)?),
+        resources: Some(resources(vmi, cfg, &inputs.network_resources)?),
         // The serial console rides on the container's terminal: `fvctl console` attaches to it.
         stdin: Some(true),
         tty: Some(true),
@@ -534,7 +549,14 @@ spec:
     #[test]
     fn the_pod_carries_resources_devices_networks_volumes_and_placement() {
         let vmi = vmi(VMI);
-        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg(), &BTreeSet::new()).expect("pod");
+        let pod = pod(
+            &vmi,
+            &pod_name("web"),
+            "launcher",
+            &cfg(),
+            &PodInputs::default(),
+        )
+        .expect("pod");
         let meta = &pod.metadata;
         assert_eq!(meta.name.as_deref(), Some("virt-launcher-web"));
         let labels = meta.labels.as_ref().expect("labels");
@@ -606,8 +628,11 @@ spec:
     #[test]
     fn block_mode_claims_become_devices_at_the_disk_path() {
         let vmi = vmi(VMI);
-        let block = BTreeSet::from(["data".to_owned()]);
-        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg(), &block).expect("pod");
+        let inputs = PodInputs {
+            block_volumes: BTreeSet::from(["data".to_owned()]),
+            network_resources: BTreeMap::from([("devices.ferrovirt.io/sriov-a".to_owned(), 2)]),
+        };
+        let pod = pod(&vmi, &pod_name("web"), "launcher", &cfg(), &inputs).expect("pod");
         let container = &pod.spec.expect("spec").containers[0];
         let devices = container.volume_devices.as_ref().expect("devices");
         assert_eq!(devices.len(), 1);
@@ -615,6 +640,12 @@ spec:
         assert_eq!(devices[0].name, "disk-data");
         let mounts = container.volume_mounts.as_ref().expect("mounts");
         assert!(mounts.iter().all(|m| m.name != "disk-data"), "{mounts:?}");
+        // Each SR-IOV network's VF, requested and limited alike (an extended resource).
+        let res = container.resources.as_ref().expect("resources");
+        for side in [&res.requests, &res.limits] {
+            let side = side.as_ref().expect("requests and limits");
+            assert_eq!(side["devices.ferrovirt.io/sriov-a"].0, "2");
+        }
     }
 
     #[test]
@@ -626,7 +657,7 @@ spec:
             limits: Some([("memory".to_owned(), Quantity("2Gi".into()))].into()),
         });
         assert_eq!(guest_memory(&vmi).expect("guest"), 1 << 30);
-        let res = resources(&vmi, &cfg()).expect("resources");
+        let res = resources(&vmi, &cfg(), &BTreeMap::new()).expect("resources");
         assert_eq!(res.requests.expect("requests")["memory"].0, "1100Mi");
         assert_eq!(res.limits.expect("limits")["memory"].0, "2124Mi");
         vmi.spec.domain.resources = None;

@@ -2,6 +2,7 @@
 //! `CNI_IFNAME` when a net driver has it (netdevice mode), left for the VM when it is bound to
 //! vfio-pci. DEL puts the VF's settings, name and namespace back.
 
+pub mod checkpoint;
 pub mod pf;
 pub mod sysfs;
 
@@ -43,6 +44,20 @@ pub enum SriovError {
     NetdevMissing(String),
     #[error("CHECK: {0}")]
     Check(String),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(
+        "no deviceID, and CNI_ARGS has no K8S_POD_UID to find the pod's {0} allocation; give deviceID"
+    )]
+    NoPodUid(String),
+    #[error(
+        "pod {pod_uid} has no free {resource} device in the kubelet's checkpoint (allocated: {allocated:?}); does the pod request {resource}, one per interface?"
+    )]
+    NoFreeDevice {
+        pod_uid: String,
+        resource: String,
+        allocated: Vec<String>,
+    },
 }
 
 impl SriovError {
@@ -106,6 +121,43 @@ pub fn desired_change(conf: &NetConf, mac: Option<MacAddress>) -> VfChange {
     }
 }
 
+/// The VF to attach: `deviceID`, else the first device of `resourceName` allocated to the
+/// pod (the kubelet's checkpoint) that no other attachment of this network uses.
+fn device_for(conf: &NetConf, env: &CniEnv, store: &StateStore) -> Result<String, SriovError> {
+    if let Some(id) = &conf.device_id {
+        return Ok(id.clone());
+    }
+    let resource = conf.resource_name.clone().unwrap_or_default();
+    let pod_uid = env
+        .args
+        .pod_uid
+        .clone()
+        .ok_or_else(|| SriovError::NoPodUid(resource.clone()))?;
+    let path = conf
+        .device_checkpoint
+        .clone()
+        .unwrap_or_else(|| checkpoint::DEFAULT_PATH.into());
+    let allocated = checkpoint::device_ids(&path, &pod_uid, &resource)?;
+    let used: Vec<String> = store
+        .list()?
+        .into_iter()
+        .filter(|r| {
+            r.ifname != env.ifname()
+                || r.container_id != env.container_id.clone().unwrap_or_default()
+        })
+        .filter_map(|r| r.sriov.map(|s| s.pci))
+        .collect();
+    allocated
+        .iter()
+        .find(|id| !used.contains(id))
+        .cloned()
+        .ok_or(SriovError::NoFreeDevice {
+            pod_uid,
+            resource,
+            allocated,
+        })
+}
+
 fn open_netns(path: &Path) -> Result<File, SriovError> {
     File::open(path).map_err(|e| SriovError::NetnsMissing(path.display().to_string(), e))
 }
@@ -124,7 +176,7 @@ pub fn add(
     store: &StateStore,
 ) -> Result<Vec<Interface>, SriovError> {
     let sysfs = Sysfs::from_env();
-    let pci = conf.device_id.as_deref().unwrap_or_default();
+    let pci = &device_for(conf, env, store)?;
     let vf = sysfs.vf(pci)?;
     let netdevice = match (&vf.driver, &vf.netdev) {
         (Some(driver), _) if driver == VFIO_DRIVER => None,

@@ -183,10 +183,10 @@ async fn reconcile_inner(
             (vmi.as_ref(), vmi_view, other_active.as_ref())
     {
         let ns = v.namespace().unwrap_or_default();
-        let block = super::vmi::claim_modes(v, ctx, &ns)
+        let inputs = super::vmi::pod_inputs(v, ctx, &ns)
             .await?
             .unwrap_or_default();
-        let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher, &block)?;
+        let mut pod = launcher::pod(v, &target_name, "migration-target", &ctx.launcher, &inputs)?;
         if let (Some(spec), Some(node)) = (pod.spec.as_mut(), node) {
             spec.affinity = Some(avoid_node(node));
         }

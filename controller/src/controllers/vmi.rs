@@ -4,7 +4,7 @@
 //! by the node agent) → Succeeded / Failed (the pod ended, or vanished). Deleting a VMI deletes
 //! its pod with the VMI's grace period and removes the finalizer once the pod is gone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,13 +159,9 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
             // The spec changed; the next reconcile sees it.
             return Ok(Action::requeue(Duration::from_millis(100)));
         }
-        let claims = claim_modes(vmi, ctx, &ns).await?;
-        let missing = match (missing_network_definition(vmi, ctx, &ns).await?, &claims) {
-            (Some(missing), _) => Some(("NetworkAttachmentDefinitionNotFound", missing)),
-            (None, Err(missing)) => Some(("PersistentVolumeClaimNotFound", missing.clone())),
-            (None, Ok(_)) => None,
-        };
-        if let Some((reason, missing)) = missing {
+        let inputs = pod_inputs(vmi, ctx, &ns).await?;
+        if let Err((reason, missing)) = &inputs {
+            let (reason, missing) = (*reason, missing.clone());
             let mut status = controller_status(vmi);
             set_condition(
                 &mut status.conditions,
@@ -189,8 +185,8 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
             .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
-        let block = claims.unwrap_or_default();
-        let new = launcher::pod(vmi, &pod_name, "launcher", &ctx.launcher, &block)?;
+        let inputs = inputs.unwrap_or_default();
+        let new = launcher::pod(vmi, &pod_name, "launcher", &ctx.launcher, &inputs)?;
         let params = PostParams {
             field_manager: Some(MANAGER.into()),
             ..Default::default()
@@ -363,9 +359,30 @@ async fn cleanup(
 }
 
 /// The first `multus` network whose NetworkAttachmentDefinition does not exist, as a message.
+/// What the launcher pod needs from other objects: the claims' volume modes and the device
+/// resources of the networks; or the condition reason and message of one that is missing.
+pub(super) async fn pod_inputs(
+    vmi: &VirtualMachineInstance,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<launcher::PodInputs, (&'static str, String)>, Error> {
+    let network_resources = match network_definitions(vmi, ctx, ns).await? {
+        Ok(resources) => resources,
+        Err(missing) => return Ok(Err(("NetworkAttachmentDefinitionNotFound", missing))),
+    };
+    let block_volumes = match claim_modes(vmi, ctx, ns).await? {
+        Ok(block) => block,
+        Err(missing) => return Ok(Err(("PersistentVolumeClaimNotFound", missing))),
+    };
+    Ok(Ok(launcher::PodInputs {
+        block_volumes,
+        network_resources,
+    }))
+}
+
 /// The VMI's volumes whose PersistentVolumeClaim has `volumeMode: Block` (they become the
 /// launcher's `volumeDevices`), or why a claim cannot be used.
-pub(super) async fn claim_modes(
+async fn claim_modes(
     vmi: &VirtualMachineInstance,
     ctx: &Context,
     ns: &str,
@@ -389,11 +406,18 @@ pub(super) async fn claim_modes(
     Ok(Ok(block))
 }
 
-async fn missing_network_definition(
+/// The annotation of a NetworkAttachmentDefinition naming the device-plugin resource its
+/// attachments need (an SR-IOV pool), as Multus and KubeVirt read it.
+pub const RESOURCE_NAME_ANNOTATION: &str = "k8s.v1.cni.cncf.io/resourceName";
+
+/// Resource name → how many of the VMI's Multus networks need one (from their definitions'
+/// [`RESOURCE_NAME_ANNOTATION`]), or why a definition is missing.
+async fn network_definitions(
     vmi: &VirtualMachineInstance,
     ctx: &Context,
     ns: &str,
-) -> Result<Option<String>, Error> {
+) -> Result<Result<BTreeMap<String, u64>, String>, Error> {
+    let mut resources = BTreeMap::new();
     let gvk = GroupVersionKind::gvk("k8s.cni.cncf.io", "v1", "NetworkAttachmentDefinition");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "network-attachment-definitions");
     for net in &vmi.spec.networks {
@@ -404,9 +428,13 @@ async fn missing_network_definition(
             .unwrap_or((ns, multus.network_name.as_str()));
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), nad_ns, &resource);
         match api.get_opt(name).await {
-            Ok(Some(_)) => {}
+            Ok(Some(nad)) => {
+                if let Some(resource) = nad.annotations().get(RESOURCE_NAME_ANNOTATION) {
+                    *resources.entry(resource.clone()).or_insert(0) += 1;
+                }
+            }
             Ok(None) | Err(kube::Error::Api(_)) => {
-                return Ok(Some(format!(
+                return Ok(Err(format!(
                     "network {} names NetworkAttachmentDefinition {nad_ns}/{name}, which does not exist (create it, or check that Multus is installed)",
                     net.name
                 )));
@@ -414,7 +442,7 @@ async fn missing_network_definition(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(None)
+    Ok(Ok(resources))
 }
 
 #[cfg(test)]
