@@ -322,22 +322,34 @@ fn the_tap_becomes_an_ebpf_endpoint_until_del() {
 }
 
 #[test]
-fn an_unknown_network_fails_add_without_leaking_tap_lease_or_endpoint() {
+fn a_first_attachment_creates_its_network_and_a_refused_endpoint_leaks_nothing() {
     let dp = TestDatapath::load();
     let ns = NetNs::create("vu").unwrap();
     let net = Network::new("vu-ebpfbad");
-    let a = Attachment::new(Some(ns.path()), "net1");
+    let first = Attachment::new(Some(ns.path()), "net1");
+    let second = Attachment::new(Some(ns.path()), "net2");
     let conf = conf(
         &net,
         "1.1.0",
-        json!({"networkId": 99, "bpfPinDir": dp.pin_dir}),
+        json!({"networkId": 99, "bpfPinDir": dp.pin_dir, "runtimeConfig": {"mac": "02:00:00:00:99:01"}}),
     );
-    let (code, msg) = call("ADD", &a, &conf).error();
+    // Network 99 does not exist on this node yet: the first attachment creates it.
+    call("ADD", &first, &conf).ok();
+    assert!(dp.has_link_pin_for(&tap_name(&first.container_id, "net1")));
+    // A second endpoint with the same MAC on it: the switch refuses it, and nothing of the
+    // second attachment stays (TAP, lease, endpoint, record).
+    let reply = call("ADD", &second, &conf);
+    let (code, msg) = reply.error();
     assert_eq!(code, 100);
     assert!(msg.contains("network 99"), "{msg}");
-    let tap = tap_name(&a.container_id, "net1");
+    // The cause is in the error object's details.
+    assert!(reply.stdout.contains("already used"), "{}", reply.stdout);
+    let tap = tap_name(&second.container_id, "net2");
     assert!(!link_exists(&tap));
     assert!(!dp.has_link_pin_for(&tap));
+    assert_eq!(net.leases(), vec![first.container_id.clone()]);
+    assert_eq!(net.records(), 1);
+    call("DEL", &first, &conf).ok();
     assert!(net.leases().is_empty());
     assert_eq!(net.records(), 0);
 }

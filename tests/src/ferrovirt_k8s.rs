@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::k8s::{Cluster, K8sError, Namespace, OciImage, ServiceAccountKubeconfig};
 use crate::{
@@ -113,6 +114,70 @@ pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
             .map_err(|e| format!("cannot load the launcher image: {e}"))
     })
     .clone()
+}
+
+/// A VM network for RuntimeClass `ferrovirt` pods: ferrovirt-cni in vhost-user mode (linked
+/// into containerd's plugin directory) as their second conflist, host-local addresses from
+/// 10.250.0.10 to `range_end`, TAPs joined to network 7 of an eBPF switch of its own (in a
+/// bpffs directory of its own; ferrovirt-cni loads the switch and creates the network on the
+/// first attachment). Removed on drop, after the namespace (declare it first).
+pub struct VmNetwork {
+    state: ScratchDir,
+    _pins: crate::BpfPinDir,
+    conflist: PathBuf,
+    plugin: PathBuf,
+}
+
+impl VmNetwork {
+    pub fn create(cluster: &Cluster, range_end: &str) -> Result<VmNetwork, String> {
+        let cni = crate::try_cni_binary().map_err(|e| e.to_string())?;
+        let plugin = cluster.cni_bin_dir().join("ferrovirt-cni");
+        let _ = std::fs::remove_file(&plugin);
+        std::os::unix::fs::symlink(&cni, &plugin).map_err(|e| format!("{plugin:?}: {e}"))?;
+        let pins = crate::BpfPinDir::create("fvnode").map_err(|e| e.to_string())?;
+        let state = ScratchDir::new("vmnet").map_err(|e| e.to_string())?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("vmnet-{}", crate::unique_name("")),
+            "plugins": [{
+                "type": "ferrovirt-cni",
+                "mode": "vhost-user",
+                "networkId": 7,
+                "bpfPinDir": pins.path(),
+                "stateDir": state.join("cni"),
+                "socketDir": state.join("sockets"),
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.250.0.0/24", "rangeStart": "10.250.0.10", "rangeEnd": range_end}]],
+                    "dataDir": state.join("ipam"),
+                },
+            }],
+        });
+        let conflist = cluster.vm_cni_dir().join("20-vmnet.conflist");
+        let staged = conflist.with_extension("tmp");
+        std::fs::write(&staged, conf.to_string()).map_err(|e| format!("{staged:?}: {e}"))?;
+        std::fs::rename(&staged, &conflist).map_err(|e| format!("{conflist:?}: {e}"))?;
+        // containerd notices the new conflist through inotify.
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(VmNetwork {
+            state,
+            _pins: pins,
+            conflist,
+            plugin,
+        })
+    }
+
+    /// ferrovirt-cni's state directory (the agent reads its records).
+    pub fn cni_state_dir(&self) -> PathBuf {
+        self.state.join("cni")
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conflist);
+        let _ = std::fs::remove_file(&self.plugin);
+    }
 }
 
 /// The agent's image: `ferrovirt-agent`, `ferrovirt-vhost-blk` and `ferrovirt-vhost-net` from

@@ -13,7 +13,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ferrovirt_tests::agent::AgentPod;
-use ferrovirt_tests::ferrovirt_k8s::{self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, str_at};
+use ferrovirt_tests::ferrovirt_k8s::{
+    self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, VmNetwork, str_at,
+};
 use ferrovirt_tests::k8s::{Cluster, Namespace, OciImage, wait_for};
 use ferrovirt_tests::{ScratchDir, blk_pattern};
 use serde_json::Value;
@@ -546,80 +548,6 @@ fn a_missing_disk_image_fails_the_vmi_with_a_condition_and_starts_nothing() {
     assert_node_clean(&uid, &Value::Null);
 }
 
-/// A VM network for RuntimeClass `ferrovirt` pods: ferrovirt-cni in vhost-user mode (linked
-/// into containerd's plugin directory) as their second conflist, host-local addresses from
-/// 10.250.0.10 on, TAPs joined to network 7 of an eBPF switch of its own. Removed on drop,
-/// after the namespace (declare it first).
-struct VmNetwork {
-    state: ScratchDir,
-    datapath: Option<ferrovirt_ebpf::Datapath>,
-    _pins: ferrovirt_tests::BpfPinDir,
-    conflist: PathBuf,
-    plugin: PathBuf,
-}
-
-impl VmNetwork {
-    fn create(cluster: &Cluster) -> VmNetwork {
-        let cni = ferrovirt_tests::try_cni_binary().unwrap_or_else(|e| panic!("{e}"));
-        let plugin = cluster.cni_bin_dir().join("ferrovirt-cni");
-        let _ = std::fs::remove_file(&plugin);
-        std::os::unix::fs::symlink(&cni, &plugin).unwrap_or_else(|e| panic!("{e}"));
-        let pins = ferrovirt_tests::BpfPinDir::create("fvnode").unwrap_or_else(|e| panic!("{e}"));
-        let datapath = ferrovirt_ebpf::Datapath::open_or_load(&ferrovirt_ebpf::DatapathConfig {
-            pin_dir: pins.path().to_owned(),
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        // Network 7 is not set up here: ferrovirt-cni creates it on the first attachment.
-        let state = ScratchDir::new("vmnet").unwrap_or_else(|e| panic!("{e}"));
-        let conf = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": format!("vmnet-{}", ferrovirt_tests::unique_name("")),
-            "plugins": [{
-                "type": "ferrovirt-cni",
-                "mode": "vhost-user",
-                "networkId": 7,
-                "bpfPinDir": pins.path(),
-                "stateDir": state.join("cni"),
-                "socketDir": state.join("sockets"),
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": "10.250.0.0/24", "rangeStart": "10.250.0.10", "rangeEnd": "10.250.0.50"}]],
-                    "dataDir": state.join("ipam"),
-                },
-            }],
-        });
-        let conflist = cluster.vm_cni_dir().join("20-vmnet.conflist");
-        let staged = conflist.with_extension("tmp");
-        std::fs::write(&staged, conf.to_string()).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::rename(&staged, &conflist).unwrap_or_else(|e| panic!("{e}"));
-        // containerd notices the new conflist through inotify.
-        std::thread::sleep(Duration::from_secs(2));
-        VmNetwork {
-            state,
-            datapath: Some(datapath),
-            _pins: pins,
-            conflist,
-            plugin,
-        }
-    }
-
-    fn cni_state_dir(&self) -> PathBuf {
-        self.state.join("cni")
-    }
-}
-
-impl Drop for VmNetwork {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.conflist);
-        let _ = std::fs::remove_file(&self.plugin);
-        if let Some(dp) = self.datapath.take()
-            && let Err(e) = dp.destroy()
-        {
-            eprintln!("cannot destroy the test datapath: {e}");
-        }
-    }
-}
-
 /// A VMI of the test guest with one vhost-user interface on the VM network.
 fn net_vmi_yaml(name: &str, kernel_args: &str) -> String {
     test_guest_vmi(
@@ -634,7 +562,7 @@ fn net_vmi_yaml(name: &str, kernel_args: &str) -> String {
 fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
     let cluster = cluster();
     let turn = turn();
-    let net = VmNetwork::create(cluster);
+    let net = VmNetwork::create(cluster, "10.250.0.50").unwrap_or_else(|e| panic!("{e}"));
     let ns = cluster
         .namespace("node-net")
         .unwrap_or_else(|e| panic!("{e}"));
@@ -704,7 +632,7 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
     assert_node_clean(&uid, &Value::Null);
     drop(node);
     // The pods are gone: CNI DEL removed the TAPs and their endpoints.
-    let records = std::fs::read_dir(net.state.join("cni"))
+    let records = std::fs::read_dir(net.cni_state_dir())
         .map(|d| {
             d.flatten()
                 .flat_map(|n| std::fs::read_dir(n.path()).into_iter().flatten().flatten())
