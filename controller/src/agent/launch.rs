@@ -384,14 +384,10 @@ pub fn container_pid(container_id: &str) -> Option<i32> {
     if container_id.len() < 12 {
         return None;
     }
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|c| c.contains(container_id))
-        })
+    host_pids().find(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.contains(container_id))
+    })
 }
 
 /// Children the agent started; reaped so they leave no zombies.
@@ -615,12 +611,16 @@ async fn stop_backends(dir: &Path) {
 
 /// The pids of the backends whose command lines name `dir`.
 fn backends_of(dir: &Path) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    host_pids()
         .filter(|pid| alive_with(*pid, "ferrovirt-vhost", dir))
         .collect()
+}
+
+/// Every process id in /proc (the agent runs in the host's PID namespace).
+fn host_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
 }
