@@ -5,13 +5,23 @@
 //! Re-attaching swaps the program inside the pinned link (`BPF_LINK_UPDATE`: the new program
 //! is in place before the old one is dropped, no frame sees neither), so it is idempotent and
 //! never stacks a second program on the hook.
+//!
+//! An endpoint can first be a cls_bpf filter on the TAP's clsact ingress instead: a TCX
+//! attach costs two RCU grace periods in the kernel (`tcx_entry_sync` and
+//! `bpf_mprog_commit`), ~10 ms on a small VM, which a CNI ADD would pay for every VM NIC; a
+//! filter costs none. It runs the same program but pays the qdisc hop on every packet (~5 %
+//! of 64 B frames/s here), so a long-lived caller later swaps it for a TCX link: TCX runs
+//! before clsact, so the link decides from the moment it exists and the filter is removed
+//! after it, without a gap. The filter's record is its program, pinned under the link name.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, TcAttachOptions, TcAttachType};
+use aya::programs::links::{FdLink, Link, LinkError, PinnedLink};
+use aya::programs::tc::{
+    self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
+};
 use aya::programs::xdp::XdpMode;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, Xdp};
 use aya_obj::generated::bpf_cmd;
@@ -50,6 +60,12 @@ pub enum AttachError {
     Rename {
         from: String,
         to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot record the endpoint filter by pinning its program at {path}")]
+    Record {
+        path: String,
         #[source]
         source: std::io::Error,
     },
@@ -192,6 +208,93 @@ pub(crate) fn attach_tc_program(
     }
 }
 
+/// Where fv_from_endpoint's filter sits on an endpoint's clsact ingress: first in line, under
+/// a handle of its own, so a re-attach finds it to replace.
+const ENDPOINT_FILTER_PRIORITY: u16 = 1;
+const ENDPOINT_FILTER_HANDLE: TcHandle = TcHandle::new(0, 0xf0);
+
+/// Attaches fv_from_endpoint to `ifname`'s ingress as a cls_bpf filter, or swaps it into the
+/// filter there, and pins the program under the endpoint-filter name as the record of it.
+pub(crate) fn attach_endpoint_filter(
+    program: &mut SchedClassifier,
+    pin_dir: &PinDir,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<(), AttachError> {
+    let target = Target {
+        pin_dir,
+        hook: Hook::EndpointFilter,
+        ifindex,
+        ifname,
+    };
+    if let Err(error) = tc::qdisc_add_clsact(ifname) {
+        tracing::debug!(ifname, %error, "clsact qdisc not added (usually: it exists)");
+    }
+    let options = NlOptions {
+        priority: ENDPOINT_FILTER_PRIORITY,
+        handle: ENDPOINT_FILTER_HANDLE,
+        classid: None,
+    };
+    let id = match program.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(options),
+    ) {
+        Ok(id) => id,
+        Err(error) if netlink_errno(&error) == Some(libc::EEXIST) => {
+            let ours = SchedClassifierLink::attached(
+                ifname,
+                TcAttachType::Ingress,
+                ENDPOINT_FILTER_PRIORITY,
+                ENDPOINT_FILTER_HANDLE,
+                None,
+            )
+            .map_err(|_| AttachError::InterfaceMissing(ifname.to_string()))?;
+            program
+                .attach_to_link(ours)
+                .map_err(|e| target.attach_error(e))?
+        }
+        Err(error) => return Err(target.attach_error(error)),
+    };
+    // The filter lives in the qdisc, not in this process: dropping the link would delete it.
+    std::mem::forget(program.take_link(id).map_err(|e| target.attach_error(e))?);
+    let program_fd = program.fd().map_err(|e| target.attach_error(e))?;
+    for old in pin_dir.links(Hook::EndpointFilter)? {
+        if old.ifindex == ifindex {
+            PinDir::unpin(&old.path)?;
+        }
+    }
+    let path = pin_dir.link(Hook::EndpointFilter, ifindex, ifname);
+    pin_object(program_fd.as_fd().as_raw_fd(), &path).map_err(|source| AttachError::Record {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Removes the endpoint filter recorded for `ifindex` (if its interface is still there) and
+/// the record.
+pub(crate) fn detach_endpoint_filter(pin_dir: &PinDir, ifindex: u32) -> Result<(), AttachError> {
+    let Some(record) = pin_dir.link_by_ifindex(Hook::EndpointFilter, ifindex)? else {
+        return Ok(());
+    };
+    if ifindex_of(&record.ifname).ok() == Some(ifindex) {
+        let ours = SchedClassifierLink::attached(
+            &record.ifname,
+            TcAttachType::Ingress,
+            ENDPOINT_FILTER_PRIORITY,
+            ENDPOINT_FILTER_HANDLE,
+            None,
+        );
+        if let Err(error) = ours
+            .map_err(|e| e.to_string())
+            .and_then(|link| link.detach().map_err(|e| e.to_string()))
+        {
+            tracing::debug!(ifname = record.ifname, %error, "no endpoint filter to remove");
+        }
+    }
+    Ok(PinDir::unpin(&record.path)?)
+}
+
 /// Attaches the XDP program to `ifname` in driver mode, falling back to generic (SKB) mode
 /// where the driver has no XDP, or swaps it into the link pinned earlier.
 pub(crate) fn attach_xdp_program(
@@ -274,6 +377,26 @@ struct ObjGetAttr {
     file_flags: u32,
 }
 
+/// The BPF_OBJ_PIN member of union bpf_attr (pathname, bpf_fd, file_flags).
+#[repr(C)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Pins the BPF object `fd` at `path`.
+fn pin_object(fd: RawFd, path: &Path) -> std::io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPinAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    bpf_syscall(bpf_cmd::BPF_OBJ_PIN, &attr).map(drop)
+}
+
 /// A descriptor of the BPF object pinned at `path` (aya keeps the one of a PinnedLink
 /// private).
 fn open_pinned_object(path: &Path) -> std::io::Result<OwnedFd> {
@@ -315,6 +438,14 @@ fn rename_pin(from: &Path, to: &Path) -> Result<(), AttachError> {
         to: to.display().to_string(),
         source,
     })
+}
+
+/// The errno of a failed netlink attach.
+fn netlink_errno(error: &ProgramError) -> Option<i32> {
+    match error {
+        ProgramError::TcError(tc::TcError::NetlinkError(e)) => e.raw_os_error(),
+        _ => None,
+    }
 }
 
 /// TCX is Linux >= 6.6; older kernels refuse its attach type with EINVAL.

@@ -166,15 +166,82 @@ impl Datapath {
     }
 
     /// Fills the maps for the endpoint on `ifname` and attaches fv_from_endpoint to its TC
-    /// ingress. Idempotent; with another config it moves the endpoint.
+    /// ingress through a TCX link, replacing a filter [`Datapath::attach_endpoint_filter`]
+    /// put there. Idempotent; with another config it moves the endpoint.
     pub fn attach_endpoint(
         &self,
         ifname: &str,
         config: &EndpointConfig,
     ) -> Result<(), DatapathError> {
+        let (ifindex, mut state, _lock) = self.configured_endpoint(ifname, config)?;
+        self.link_endpoint(&mut state, ifindex, ifname)
+    }
+
+    /// Like [`Datapath::attach_endpoint`], but the program becomes a cls_bpf filter on the
+    /// TAP's clsact ingress, which costs no RCU grace period to attach (a TCX link costs two,
+    /// ~10 ms on a small VM). For a caller that must be quick, like a CNI ADD; a long-lived
+    /// one then makes it a TCX link with [`Datapath::link_endpoint_filter`], which saves the
+    /// qdisc hop on every packet.
+    pub fn attach_endpoint_filter(
+        &self,
+        ifname: &str,
+        config: &EndpointConfig,
+    ) -> Result<(), DatapathError> {
+        let (ifindex, mut state, _lock) = self.configured_endpoint(ifname, config)?;
+        if self
+            .pin_dir
+            .link_by_ifindex(Hook::Endpoint, ifindex)?
+            .is_some()
+        {
+            // A TCX link is there already: it would run first, the filter never.
+            return self.link_endpoint(&mut state, ifindex, ifname);
+        }
+        attach::attach_endpoint_filter(
+            &mut state.programs.from_endpoint,
+            &self.pin_dir,
+            ifindex,
+            ifname,
+        )?;
+        Ok(())
+    }
+
+    /// Fills the maps for the endpoint on `ifname`; returns its ifindex and the locks the
+    /// caller attaches under.
+    fn configured_endpoint(
+        &self,
+        ifname: &str,
+        config: &EndpointConfig,
+    ) -> Result<(u32, MutexGuard<'_, State>, PinDirLock), DatapathError> {
+        let ifindex = ifindex_of(ifname)?;
+        let (mut state, lock) = self.change()?;
+        forwarding::configure_endpoint(&mut state.maps, ifindex, config)?;
+        Ok((ifindex, state, lock))
+    }
+
+    /// Swaps the cls_bpf filter of the endpoint on `ifname` for a TCX link, leaving its maps
+    /// as they are: the link is attached first (TCX runs before clsact, so it decides from
+    /// then on), then the filter goes. True when there was a filter to swap.
+    pub fn link_endpoint_filter(&self, ifname: &str) -> Result<bool, DatapathError> {
         let ifindex = ifindex_of(ifname)?;
         let (mut state, _lock) = self.change()?;
-        forwarding::configure_endpoint(&mut state.maps, ifindex, config)?;
+        if self
+            .pin_dir
+            .link_by_ifindex(Hook::EndpointFilter, ifindex)?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        self.link_endpoint(&mut state, ifindex, ifname)?;
+        Ok(true)
+    }
+
+    /// Attaches (or swaps) the endpoint's TCX link, then removes any filter of it.
+    fn link_endpoint(
+        &self,
+        state: &mut State,
+        ifindex: u32,
+        ifname: &str,
+    ) -> Result<(), DatapathError> {
         attach_tc_program(
             &mut state.programs.from_endpoint,
             &self.pin_dir,
@@ -182,18 +249,33 @@ impl Datapath {
             ifindex,
             ifname,
         )?;
+        attach::detach_endpoint_filter(&self.pin_dir, ifindex)?;
         Ok(())
     }
 
-    /// Detaches the endpoint's program and removes its map entries. Idempotent, and fine
-    /// when the interface is gone (the pinned link remembers its ifindex).
+    /// Detaches the endpoint's program (link or filter) and removes its map entries.
+    /// Idempotent, and fine when the interface is gone (the pins remember its ifindex).
     pub fn detach_endpoint(&self, ifname: &str) -> Result<(), DatapathError> {
         let (mut state, _lock) = self.change()?;
-        for ifindex in self.ifindexes_of(Hook::Endpoint, ifname)? {
-            let netlink_name = Some((ifname, FROM_ENDPOINT));
-            attach::detach_program(&self.pin_dir, Hook::Endpoint, ifindex, netlink_name)?;
+        let mut ifindexes = self.ifindexes_of(Hook::Endpoint, ifname)?;
+        for ifindex in self.ifindexes_of(Hook::EndpointFilter, ifname)? {
+            if !ifindexes.contains(&ifindex) {
+                ifindexes.push(ifindex);
+            }
+        }
+        for ifindex in ifindexes {
+            self.detach_endpoint_programs(ifindex)?;
             forwarding::remove_endpoint(&mut state.maps, ifindex)?;
         }
+        Ok(())
+    }
+
+    fn detach_endpoint_programs(&self, ifindex: u32) -> Result<(), DatapathError> {
+        // Without TCX (Linux < 6.6) attach_tc_program made an unpinned filter: by name.
+        let ifname = ifname_of(ifindex);
+        let netlink_name = ifname.as_deref().map(|name| (name, FROM_ENDPOINT));
+        attach::detach_program(&self.pin_dir, Hook::Endpoint, ifindex, netlink_name)?;
+        attach::detach_endpoint_filter(&self.pin_dir, ifindex)?;
         Ok(())
     }
 
@@ -272,9 +354,7 @@ impl Datapath {
             let (state, _lock) = self.change()?;
             let (endpoints, uplinks) = forwarding::attached_ifindexes(&state.maps)?;
             for ifindex in endpoints {
-                let ifname = ifname_of(ifindex);
-                let netlink_name = ifname.as_deref().map(|name| (name, FROM_ENDPOINT));
-                attach::detach_program(&self.pin_dir, Hook::Endpoint, ifindex, netlink_name)?;
+                self.detach_endpoint_programs(ifindex)?;
             }
             for ifindex in uplinks {
                 self.detach_uplink_programs(ifindex)?;

@@ -4,7 +4,8 @@
 //! ```text
 //! <pin_dir>/fv_endpoints ...           maps (LIBBPF_PIN_BY_NAME in datapath.c)
 //! <pin_dir>/progs/<program>            the loaded programs
-//! <pin_dir>/links/<hook>:<ifindex>:<ifname>   TCX/XDP links we attached
+//! <pin_dir>/links/<hook>:<ifindex>:<ifname>   TCX/XDP links we attached (for an
+//!                                             endpoint-filter: its program)
 //! ```
 //!
 //! bpffs refuses names with a dot ("reserved for future extensions"), which interface
@@ -54,8 +55,11 @@ pub enum PinDirError {
 /// A program on an interface's hook; the first part of its link's pin name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
-    /// fv_from_endpoint on a VM TAP's TC ingress.
+    /// fv_from_endpoint on a VM TAP's TC ingress, through a TCX link.
     Endpoint,
+    /// fv_from_endpoint on a VM TAP's TC ingress, as a cls_bpf filter; its record is the
+    /// program pinned under this hook's name.
+    EndpointFilter,
     /// fv_from_uplink on an uplink's TC ingress.
     UplinkTc,
     /// fv_xdp_from_uplink on an uplink's XDP hook.
@@ -66,6 +70,7 @@ impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Hook::Endpoint => "fv_from_endpoint (TC ingress)",
+            Hook::EndpointFilter => "fv_from_endpoint (clsact ingress filter)",
             Hook::UplinkTc => "fv_from_uplink (TC ingress)",
             Hook::UplinkXdp => "fv_xdp_from_uplink (XDP)",
         })
@@ -76,6 +81,7 @@ impl Hook {
     fn pin_prefix(self) -> &'static str {
         match self {
             Hook::Endpoint => "endpoint",
+            Hook::EndpointFilter => "endpoint-filter",
             Hook::UplinkTc => "uplink-tc",
             Hook::UplinkXdp => "uplink-xdp",
         }
@@ -266,6 +272,12 @@ mod tests {
         assert_eq!((pin.ifindex, pin.ifname.as_str()), (42, "eth0.100"));
         assert!(parse_link_name(Hook::UplinkXdp, &name).is_none());
         assert!(parse_link_name(Hook::Endpoint, "endpoint:x:tap0").is_none());
+        let filter = "endpoint-filter:7:tap0";
+        assert!(parse_link_name(Hook::Endpoint, filter).is_none());
+        assert_eq!(
+            parse_link_name(Hook::EndpointFilter, filter).map(|p| p.ifindex),
+            Some(7)
+        );
     }
 
     #[test]

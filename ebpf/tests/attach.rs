@@ -1,4 +1,5 @@
-//! Attaching to real interfaces: TCX links on TAPs and veths, XDP on an uplink, pins that
+//! Attaching to real interfaces: cls_bpf filters on endpoint TAPs, TCX links on uplink veths,
+//! XDP on an uplink, pins that
 //! outlive the Datapath handle, and the errors a caller can get. Needs root and bpffs.
 
 mod common;
@@ -45,11 +46,24 @@ fn ifindex(ifname: &str) -> u32 {
         .expect("numeric ifindex")
 }
 
-/// Ids of the programs on `ifname`'s TCX ingress.
-fn tcx_ingress_programs(ifname: &str) -> Vec<u32> {
+/// Ids of the programs on `ifname`'s TC ingress: its TCX links, then the BPF filters of its
+/// clsact qdisc as `tc filter show` lists them.
+fn ingress_programs(ifname: &str) -> Vec<u32> {
     let (_, programs) =
         SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).expect("query TCX");
-    programs.iter().map(|p| p.id()).collect()
+    let mut ids: Vec<u32> = programs.iter().map(|p| p.id()).collect();
+    let out = Command::new("tc")
+        .args(["filter", "show", "dev", ifname, "ingress"])
+        .output()
+        .expect("run tc");
+    let filters = String::from_utf8_lossy(&out.stdout);
+    let mut words = filters.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "id" {
+            ids.push(words.next().and_then(|id| id.parse().ok()).expect("id N"));
+        }
+    }
+    ids
 }
 
 /// True if `ip link` shows an XDP program (native or generic) on `ifname`.
@@ -93,11 +107,11 @@ fn attaching_an_endpoint_twice_leaves_one_program_on_its_ingress() {
     let dp = switch();
     let tap = Tap::create("fvat", false).unwrap();
     dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
-    let first = tcx_ingress_programs(tap.name());
+    let first = ingress_programs(tap.name());
     assert_eq!(first.len(), 1);
     dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
     assert_eq!(
-        tcx_ingress_programs(tap.name()),
+        ingress_programs(tap.name()),
         first,
         "the same single program"
     );
@@ -110,7 +124,7 @@ fn detaching_an_endpoint_removes_its_program_and_map_entries() {
     let tap = Tap::create("fvdt", false).unwrap();
     dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
     dp.detach_endpoint(tap.name()).unwrap();
-    assert!(tcx_ingress_programs(tap.name()).is_empty());
+    assert!(ingress_programs(tap.name()).is_empty());
     assert_no_entries_of(&dp, ifindex(tap.name()));
     dp.detach_endpoint(tap.name())
         .expect("detaching twice is fine");
@@ -133,7 +147,7 @@ fn a_second_datapath_opened_from_the_pins_shares_maps_programs_and_links() {
     let dp = switch();
     let tap = Tap::create("fvre", false).unwrap();
     dp.attach_endpoint(tap.name(), &endpoint()).unwrap();
-    let program = tcx_ingress_programs(tap.name());
+    let program = ingress_programs(tap.name());
 
     let second = Datapath::open_or_load(dp.config()).unwrap();
     second
@@ -141,13 +155,13 @@ fn a_second_datapath_opened_from_the_pins_shares_maps_programs_and_links() {
         .expect("sees the first one's counters");
     second.attach_endpoint(tap.name(), &endpoint()).unwrap();
     assert_eq!(
-        tcx_ingress_programs(tap.name()),
+        ingress_programs(tap.name()),
         program,
         "the pinned program, not a second load"
     );
     second.detach_endpoint(tap.name()).unwrap();
     drop(second);
-    assert!(tcx_ingress_programs(tap.name()).is_empty());
+    assert!(ingress_programs(tap.name()).is_empty());
     assert_no_entries_of(&dp, ifindex(tap.name()));
 }
 
@@ -161,7 +175,85 @@ fn attached_programs_outlive_the_datapath_handle() {
             .attach_endpoint(tap.name(), &endpoint())
             .unwrap();
     }
-    assert_eq!(tcx_ingress_programs(tap.name()).len(), 1);
+    assert_eq!(ingress_programs(tap.name()).len(), 1);
+}
+
+/// Ids of the programs of the cls_bpf filters on `ifname`'s clsact ingress alone.
+fn filter_programs(ifname: &str) -> Vec<u32> {
+    let (_, tcx) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).expect("query TCX");
+    let tcx: Vec<u32> = tcx.iter().map(|p| p.id()).collect();
+    ingress_programs(ifname)
+        .into_iter()
+        .filter(|id| !tcx.contains(id))
+        .collect()
+}
+
+/// The names under the pin directory's `links/`.
+fn link_pins(dp: &TestDatapath) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dp.config().pin_dir.join("links"))
+        .expect("links dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_filter_endpoint_is_swapped_for_a_tcx_link_and_keeps_its_maps() {
+    let dp = switch();
+    let tap = Tap::create("fvfl", false).unwrap();
+    let index = ifindex(tap.name());
+    dp.attach_endpoint_filter(tap.name(), &endpoint()).unwrap();
+    let filter = filter_programs(tap.name());
+    assert_eq!(filter.len(), 1, "one filter");
+    assert_eq!(ingress_programs(tap.name()), filter, "and no TCX link");
+    assert_eq!(
+        link_pins(&dp),
+        [format!("endpoint-filter:{index}:{}", tap.name())]
+    );
+    dp.attach_endpoint_filter(tap.name(), &endpoint()).unwrap();
+    assert_eq!(filter_programs(tap.name()), filter, "replaced, not stacked");
+
+    assert!(dp.link_endpoint_filter(tap.name()).unwrap());
+    assert!(filter_programs(tap.name()).is_empty(), "the filter is gone");
+    assert_eq!(
+        ingress_programs(tap.name()),
+        filter,
+        "the same program, linked"
+    );
+    assert_eq!(link_pins(&dp), [format!("endpoint:{index}:{}", tap.name())]);
+    let endpoints: HashMap<_, u32, FvEndpoint> = pinned_hash(&dp, "fv_endpoints");
+    assert!(endpoints.get(&index, 0).is_ok(), "the endpoint stays");
+    assert!(
+        !dp.link_endpoint_filter(tap.name()).unwrap(),
+        "nothing left to swap"
+    );
+
+    // A filter asked for over a link keeps the link: it would run first anyway.
+    dp.attach_endpoint_filter(tap.name(), &endpoint()).unwrap();
+    assert!(filter_programs(tap.name()).is_empty());
+    assert_eq!(ingress_programs(tap.name()).len(), 1);
+}
+
+#[test]
+fn detaching_a_filter_endpoint_leaves_no_filter_pin_or_entry() {
+    let dp = switch();
+    let tap = Tap::create("fvfd", false).unwrap();
+    dp.attach_endpoint_filter(tap.name(), &endpoint()).unwrap();
+    dp.detach_endpoint(tap.name()).unwrap();
+    assert!(ingress_programs(tap.name()).is_empty());
+    assert!(link_pins(&dp).is_empty(), "{:?}", link_pins(&dp));
+    assert_no_entries_of(&dp, ifindex(tap.name()));
+
+    // The same after the interface is gone: the record keeps the ifindex.
+    let gone = Tap::create("fvfg", false).unwrap();
+    let name = gone.name().to_string();
+    let gone_index = ifindex(&name);
+    dp.attach_endpoint_filter(&name, &endpoint()).unwrap();
+    drop(gone);
+    dp.detach_endpoint(&name).unwrap();
+    assert!(link_pins(&dp).is_empty(), "{:?}", link_pins(&dp));
+    assert_no_entries_of(&dp, gone_index);
 }
 
 /// A veth pair, both ends up; deleted on Drop.
@@ -186,12 +278,12 @@ fn xdp_uplink_gets_xdp_and_tc_and_detaching_removes_both() {
         .unwrap();
     dp.attach_uplink(uplink.name(), NET, UplinkMode::Xdp)
         .unwrap();
-    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+    assert_eq!(ingress_programs(uplink.name()).len(), 1);
     assert!(has_xdp(uplink.name()));
     dp.counters(uplink.name()).expect("uplink counters");
 
     dp.detach_uplink(uplink.name(), NET).unwrap();
-    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+    assert!(ingress_programs(uplink.name()).is_empty());
     assert!(!has_xdp(uplink.name()));
 }
 
@@ -204,7 +296,7 @@ fn switching_an_uplink_to_tc_mode_removes_its_xdp_program() {
     dp.attach_uplink(uplink.name(), NET, UplinkMode::Tc)
         .unwrap();
     assert!(!has_xdp(uplink.name()));
-    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+    assert_eq!(ingress_programs(uplink.name()).len(), 1);
 }
 
 #[test]
@@ -217,9 +309,9 @@ fn an_uplink_shared_by_two_networks_stays_until_the_last_detaches() {
         .unwrap();
     dp.attach_uplink(uplink.name(), 2, UplinkMode::Tc).unwrap();
     dp.detach_uplink(uplink.name(), NET).unwrap();
-    assert_eq!(tcx_ingress_programs(uplink.name()).len(), 1);
+    assert_eq!(ingress_programs(uplink.name()).len(), 1);
     dp.remove_network(2).unwrap();
-    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+    assert!(ingress_programs(uplink.name()).is_empty());
 }
 
 #[test]
@@ -232,8 +324,8 @@ fn destroy_detaches_everything() {
         .unwrap();
     let pin_dir = dp.config().pin_dir.clone();
     drop(dp); // TestDatapath::drop calls destroy
-    assert!(tcx_ingress_programs(tap.name()).is_empty());
-    assert!(tcx_ingress_programs(uplink.name()).is_empty());
+    assert!(ingress_programs(tap.name()).is_empty());
+    assert!(ingress_programs(uplink.name()).is_empty());
     assert!(!has_xdp(uplink.name()));
     assert!(!pin_dir.exists());
 }
@@ -267,10 +359,7 @@ fn attaching_to_an_unknown_network_says_so() {
         ),
         "{err}"
     );
-    assert!(
-        tcx_ingress_programs(tap.name()).is_empty(),
-        "nothing attached"
-    );
+    assert!(ingress_programs(tap.name()).is_empty(), "nothing attached");
 }
 
 #[test]
@@ -284,7 +373,7 @@ fn ensure_network_creates_a_missing_network_once_and_keeps_an_existing_vlan() {
         ..endpoint()
     };
     dp.attach_endpoint(tap.name(), &config).unwrap();
-    assert!(!tcx_ingress_programs(tap.name()).is_empty());
+    assert!(!ingress_programs(tap.name()).is_empty());
     dp.detach_endpoint(tap.name()).unwrap();
     // A network an operator set up is left as it is.
     dp.add_network(44, &NetworkConfig { vlan: Some(100) })

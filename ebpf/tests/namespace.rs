@@ -49,15 +49,20 @@ impl EbpfSwitch {
     }
 
     /// One untagged network with every endpoint of `topo` on it (MAC and address
-    /// enforced), and its uplink in `mode` if it has one.
+    /// enforced), and its uplink in `mode` if it has one. The first endpoint's program is a
+    /// cls_bpf filter, as ferrovirt-cni attaches it; the others' are TCX links.
     fn flat(topo: &NetnsTopology, mode: UplinkMode) -> EbpfSwitch {
         let switch = EbpfSwitch::load();
         switch
             .dp()
             .add_network(NET, &NetworkConfig { vlan: None })
             .unwrap();
-        for e in topo.endpoints() {
-            switch.attach(e, NET, None);
+        for (i, e) in topo.endpoints().iter().enumerate() {
+            if i == 0 {
+                switch.attach_as_filter(e, NET);
+            } else {
+                switch.attach(e, NET, None);
+            }
         }
         if let Some(uplink) = topo.uplink() {
             switch
@@ -73,14 +78,14 @@ impl EbpfSwitch {
     }
 
     fn attach(&self, e: &Endpoint, network: NetworkId, policy: Option<u32>) {
-        let config = EndpointConfig {
-            network,
-            mac: e.mac(),
-            addresses: vec![IpAddr::V4(e.address())],
-            policy,
-        };
         self.dp()
-            .attach_endpoint(e.host_if(), &config)
+            .attach_endpoint(e.host_if(), &endpoint_config(e, network, policy))
+            .unwrap_or_else(|err| panic!("attach {}: {}", e.host_if(), chain(&err)));
+    }
+
+    fn attach_as_filter(&self, e: &Endpoint, network: NetworkId) {
+        self.dp()
+            .attach_endpoint_filter(e.host_if(), &endpoint_config(e, network, None))
             .unwrap_or_else(|err| panic!("attach {}: {}", e.host_if(), chain(&err)));
     }
 
@@ -88,6 +93,15 @@ impl EbpfSwitch {
         self.dp()
             .counters(ifname)
             .unwrap_or_else(|e| panic!("counters of {ifname}: {e}"))
+    }
+}
+
+fn endpoint_config(e: &Endpoint, network: NetworkId, policy: Option<u32>) -> EndpointConfig {
+    EndpointConfig {
+        network,
+        mac: e.mac(),
+        addresses: vec![IpAddr::V4(e.address())],
+        policy,
     }
 }
 
