@@ -23,6 +23,10 @@ struct Flags {}
 
 fn main() -> ExitCode {
     Flags::parse();
+    // A runtime that ignores SIGCHLD passes that on through exec, and then the kernel reaps
+    // our children (the IPAM plugin, the TAP deleter) before we can read how they ended.
+    // SAFETY: signal(2) with SIG_DFL installs no handler; no other thread runs yet.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     let level = std::env::var("FERROVIRT_CNI_LOG")
         .ok()
         .and_then(|l| l.parse().ok())

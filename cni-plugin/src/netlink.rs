@@ -203,16 +203,103 @@ impl Netlink {
             .map(|_| ())
     }
 
-    pub fn delete_link(&mut self, index: u32) -> Result<(), NetlinkError> {
+    /// Deletes link `index` and returns once the kernel has unlisted it: its name and index
+    /// are free and it is gone from every listing (the RTM_DELLINK notification). The rest of
+    /// the unregistration, RCU barriers that take ~20 ms on a small VM, finishes in a forked
+    /// child that nobody waits for, so a CNI DEL does not sit through it. A link that is
+    /// already gone is fine.
+    pub fn delete_link_unlisted(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let op = format!("deleting link #{index}");
+        let io_err = |source| NetlinkError::Io {
+            op: op.clone(),
+            source,
+        };
+        // Subscribed before the delete is sent, so its notification cannot be missed.
+        let mut monitor = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Open)?;
+        monitor
+            .bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32))
+            .map_err(NetlinkError::Open)?;
+        monitor.set_non_blocking(true).map_err(NetlinkError::Open)?;
         let mut message = LinkMessage::default();
         message.header.index = index;
-        match self.request(
-            RouteNetlinkMessage::DelLink(message),
-            0,
-            &format!("deleting link #{index}"),
-        ) {
-            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
-            other => other.map(|_| ()),
+        let (request, _) = self.encode(RouteNetlinkMessage::DelLink(message), 0);
+        let devnull = File::options()
+            .write(true)
+            .open("/dev/null")
+            .map_err(io_err)?;
+        // SAFETY: the child runs `delete_in_child`, which makes only async-signal-safe system
+        // calls on memory that fork copied (`request`), never allocating or taking a lock
+        // another thread of ours may have held at the fork; it ends in `_exit`.
+        let child = match unsafe { nix::unistd::fork() }.map_err(|e| io_err(e.into()))? {
+            nix::unistd::ForkResult::Child => delete_in_child(&request, devnull.as_raw_fd()),
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        drop(devnull);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)).map_err(|e| io_err(e.into()))? {
+                WaitStatus::Exited(_, 0 | libc::ENODEV) => return Ok(()),
+                WaitStatus::Exited(_, code) if code < CHILD_FAILED => {
+                    return Err(NetlinkError::Kernel {
+                        op,
+                        source: io::Error::from_raw_os_error(code),
+                    });
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    return Err(io_err(io::Error::other(
+                        "the child process sending the request failed",
+                    )));
+                }
+                _ => {}
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(io_err(io::Error::from(io::ErrorKind::TimedOut)));
+            }
+            let mut poll = libc::pollfd {
+                fd: monitor.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut poll, 1, 20) } > 0 && self.unlisted(&mut monitor, index)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads what `monitor` has queued: true when it says link `index` was deleted. When the
+    /// queue overflowed (notifications were dropped), asks the kernel instead.
+    fn unlisted(&mut self, monitor: &mut Socket, index: u32) -> Result<bool, NetlinkError> {
+        loop {
+            match monitor.recv_from_full() {
+                Ok((data, _)) => {
+                    let deleted = messages(&data).any(|bytes| {
+                        matches!(
+                            NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes),
+                            Ok(NetlinkMessage {
+                                payload: NetlinkPayload::InnerMessage(
+                                    RouteNetlinkMessage::DelLink(link)
+                                ),
+                                ..
+                            }) if link.header.index == index
+                        )
+                    });
+                    if deleted {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    return Ok(self.link_by_index(index)?.is_none());
+                }
+                Err(source) => {
+                    return Err(NetlinkError::Io {
+                        op: "reading link notifications".into(),
+                        source,
+                    });
+                }
+            }
         }
     }
 
@@ -299,6 +386,19 @@ impl Netlink {
         }
     }
 
+    /// One request with the ACK flag, as bytes, and its sequence number.
+    fn encode(&mut self, payload: RouteNetlinkMessage, flags: u16) -> (Vec<u8>, u32) {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        (buf, self.sequence)
+    }
+
     /// Sends one request and collects its replies until the ACK (or DONE for a dump).
     fn request(
         &mut self,
@@ -306,15 +406,7 @@ impl Netlink {
         flags: u16,
         op: &str,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let sequence = self.sequence;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-        header.sequence_number = sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(payload));
-        packet.finalize();
-        let mut buf = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buf);
+        let (buf, sequence) = self.encode(payload, flags);
         let io_err = |source| NetlinkError::Io {
             op: op.to_owned(),
             source,
@@ -357,6 +449,75 @@ impl Netlink {
             }
         }
     }
+}
+
+/// Exit status of [`delete_in_child`] when it failed before the kernel answered; lower
+/// statuses are the kernel's errno.
+const CHILD_FAILED: i32 = 255;
+
+/// The forked child of [`Netlink::delete_link_unlisted`]: sends `request` on a new rtnetlink
+/// socket and exits with the kernel's errno (0 for the ACK). It first points stdin, stdout
+/// and stderr at `devnull` and closes every other descriptor, so it holds neither the
+/// runtime's result pipe (which the runtime reads to EOF) nor any lock file of ours.
+fn delete_in_child(request: &[u8], devnull: std::os::fd::RawFd) -> ! {
+    // SAFETY: plain system calls on descriptors and buffers that live in this process;
+    // all of them are async-signal-safe, as a child forked from threads requires.
+    unsafe {
+        for fd in 0..3 {
+            libc::dup2(devnull, fd);
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        if fd < 0
+            || libc::sendto(
+                fd,
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                (&raw const kernel).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            ) < 0
+        {
+            libc::_exit(CHILD_FAILED);
+        }
+        // The answer is an NLMSG_ERROR: a 16-byte header, then the negated errno.
+        let mut reply = [0u8; 512];
+        let n = libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0);
+        if n < 20 {
+            libc::_exit(CHILD_FAILED);
+        }
+        let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        libc::_exit(
+            error
+                .checked_neg()
+                .map_or(CHILD_FAILED, |e| e.clamp(0, CHILD_FAILED)),
+        )
+    }
+}
+
+/// The netlink messages in one datagram, each as its bytes (headers give the lengths,
+/// messages are 4-byte aligned); stops at a malformed header.
+fn messages(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        let length = rest
+            .get(..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize)?;
+        if length < 16 || length > rest.len() {
+            return None;
+        }
+        let (message, tail) = rest.split_at(length);
+        rest = tail
+            .get(length.next_multiple_of(4) - length..)
+            .unwrap_or(&[]);
+        Some(message)
+    })
 }
 
 fn family(addr: IpAddr) -> AddressFamily {
@@ -406,5 +567,56 @@ mod tests {
             addrs.iter().any(|a| a.to_string() == "127.0.0.1/8"),
             "{addrs:?}"
         );
+    }
+
+    /// Runs `f` on a thread of its own in a new, empty network namespace.
+    fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    #[test]
+    fn a_deleted_link_is_unlisted_when_the_call_returns_and_refusals_are_reported() {
+        in_new_netns(|| {
+            let spec = crate::tap::TapSpec {
+                queues: 2,
+                owner: None,
+                group: None,
+            };
+            crate::tap::create_tap("fvdel0", spec).unwrap();
+            let mut nl = Netlink::open().unwrap();
+            let tap = nl.link("fvdel0", false).unwrap().unwrap();
+            nl.delete_link_unlisted(tap.index).unwrap();
+            assert_eq!(nl.link("fvdel0", false).unwrap(), None);
+            assert_eq!(nl.link_by_index(tap.index).unwrap(), None);
+            // Gone already: fine, like DEL twice.
+            nl.delete_link_unlisted(tap.index).unwrap();
+            // The kernel refuses to delete loopback; its errno comes back from the child.
+            let e = nl.delete_link_unlisted(1).unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EOPNOTSUPP), "{e}");
+            assert!(nl.link("lo", false).unwrap().is_some());
+        });
+    }
+
+    #[test]
+    fn messages_are_split_by_their_headers_and_a_bad_length_stops() {
+        let mut data = Vec::new();
+        for (length, fill) in [(18u32, 1u8), (16, 2)] {
+            data.extend(length.to_ne_bytes());
+            data.resize(data.len() + length as usize - 4, fill);
+            data.resize(data.len().next_multiple_of(4), 0);
+        }
+        let split: Vec<_> = messages(&data).map(<[u8]>::len).collect();
+        assert_eq!(split, [18, 16]);
+        data.extend(100u32.to_ne_bytes());
+        data.extend([0; 12]);
+        assert_eq!(messages(&data).count(), 2);
     }
 }

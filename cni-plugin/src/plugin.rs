@@ -262,14 +262,33 @@ impl Call<'_> {
         prev: Option<CniResult>,
         args_mac: Option<MacAddress>,
     ) -> Result<CniResult, PluginError> {
-        let leased = match ipam {
-            Some(ipam) => {
-                record.ipam_leased = true;
-                store.save(record)?;
-                Some(ipam.add(None)?)
+        if ipam.is_some() {
+            record.ipam_leased = true;
+            store.save(record)?;
+        }
+        // vhost-user: the TAP and the datapath need no addresses, so they are made while the
+        // IPAM plugin runs (its process is most of ADD's time).
+        let vm_mac = match self.conf.mode {
+            Mode::VhostUser => {
+                Some(vhost_user::vm_mac(&self.conf, self.env).map_err(PluginError::ArgsMac)?)
             }
-            None => None,
+            Mode::Sriov => None,
         };
+        let (leased, prepared) = std::thread::scope(|scope| {
+            let lease = ipam.map(|ipam| scope.spawn(move || ipam.add(None)));
+            let prepared =
+                vm_mac.map(|mac| vhost_user::prepare(&self.conf, mac, self.env, record, store));
+            let leased = lease.map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(IpamError::Spawn(
+                        PathBuf::from("ipam"),
+                        std::io::Error::other("the IPAM thread panicked"),
+                    ))
+                })
+            });
+            (leased.transpose(), prepared.transpose())
+        });
+        let (leased, prepared) = (leased?, prepared?);
         let mut result = prev.unwrap_or_default();
         let (mut ips, routes, dns) = match leased {
             Some(leased) => (leased.ips, leased.routes, leased.dns),
@@ -287,15 +306,12 @@ impl Call<'_> {
                 (ips, Vec::new(), Default::default())
             }
         };
-        let interfaces = match self.conf.mode {
-            Mode::VhostUser => {
-                let mac = vhost_user::vm_mac(&self.conf, self.env).map_err(PluginError::ArgsMac)?;
-                {
-                    let addresses: Vec<_> = ips.iter().map(|ip| ip.address.addr).collect();
-                    vhost_user::add(&self.conf, self.env, mac, &addresses, record, store)?
-                }
+        let interfaces = match prepared {
+            Some(prepared) => {
+                let addresses: Vec<_> = ips.iter().map(|ip| ip.address.addr).collect();
+                vhost_user::finish(prepared, &addresses, self.env, record)?
             }
-            Mode::Sriov => {
+            None => {
                 let mac = self
                     .conf
                     .runtime_config

@@ -7,6 +7,8 @@ use common::{Attachment, Network, call_plugin, plugin_binary};
 use ferrovirt_cni_plugin::vhost_user::tap_name;
 use ferrovirt_tests::{Link, NetNs, link_exists};
 use serde_json::{Value, json};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 fn conf(net: &Network, version: &str, extra: Value) -> Value {
     let mut conf = json!({
@@ -265,17 +267,23 @@ impl TestDatapath {
         self.datapath.as_ref().expect("present until drop")
     }
 
-    /// Whether a link is pinned for an interface called `ifname`.
-    fn has_link_pin_for(&self, ifname: &str) -> bool {
-        std::fs::read_dir(self.pin_dir.join("links"))
-            .map(|entries| {
-                entries.filter_map(Result::ok).any(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .ends_with(&format!(":{ifname}"))
-                })
+    /// The hooks (pin name prefixes) pinned for an interface called `ifname`.
+    fn link_pins_for(&self, ifname: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.pin_dir.join("links")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let hook = name.strip_suffix(&format!(":{ifname}"))?;
+                Some(hook.split(':').next()?.to_owned())
             })
-            .unwrap_or(false)
+            .collect()
+    }
+
+    fn has_link_pin_for(&self, ifname: &str) -> bool {
+        !self.link_pins_for(ifname).is_empty()
     }
 }
 
@@ -307,9 +315,22 @@ fn the_tap_becomes_an_ebpf_endpoint_until_del() {
         .trim()
         .parse()
         .unwrap();
-    assert!(dp.has_link_pin_for(&tap));
+    // ADD attaches a cls_bpf filter (no RCU grace period to wait for)...
+    assert_eq!(dp.link_pins_for(&tap), ["endpoint-filter"]);
+    let filters = Command::new("tc")
+        .args(["filter", "show", "dev", &tap, "ingress"])
+        .output()
+        .unwrap();
+    assert!(
+        // The kernel keeps 15 bytes of a program's name.
+        String::from_utf8_lossy(&filters.stdout).contains("fv_from_endpoin direct-action"),
+        "{filters:?}"
+    );
     dp.get().counters(&tap).unwrap();
     call("CHECK", &a, &with_prev(&conf, &result)).ok();
+    // ...which the agent makes a TCX link before the VM runs; DEL removes either.
+    assert!(dp.get().link_endpoint_filter(&tap).unwrap());
+    assert_eq!(dp.link_pins_for(&tap), ["endpoint"]);
 
     call("DEL", &a, &conf).ok();
     assert!(!dp.has_link_pin_for(&tap), "endpoint link left pinned");
@@ -319,6 +340,32 @@ fn the_tap_becomes_an_ebpf_endpoint_until_del() {
     );
     assert!(!link_exists(&tap));
     call("DEL", &a, &conf).ok();
+}
+
+#[test]
+fn del_works_when_the_runtime_ignores_sigchld() {
+    // An ignored SIGCHLD survives exec; unless the plugin restores it, the kernel reaps the
+    // IPAM plugin and the TAP deleter before the plugin can read how they ended.
+    let ns = NetNs::create("vu").unwrap();
+    let net = Network::new("vu-sigchld");
+    let a = Attachment::new(Some(ns.path()), "net1");
+    let conf = conf(&net, "1.1.0", json!({}));
+    call("ADD", &a, &conf).ok();
+    let tap = tap_name(&a.container_id, "net1");
+    assert!(link_exists(&tap));
+    let mut del = common::plugin_command(&plugin_binary(), "DEL", Some(&a), &[]);
+    // SAFETY: between fork and exec the child only calls signal(2), which is
+    // async-signal-safe.
+    unsafe {
+        del.pre_exec(|| {
+            if libc::signal(libc::SIGCHLD, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    common::run_plugin(del, &conf).ok();
+    assert!(!link_exists(&tap), "TAP {tap} left");
 }
 
 #[test]

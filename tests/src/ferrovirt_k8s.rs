@@ -123,7 +123,7 @@ pub fn load_launcher_image(cluster: &Cluster) -> Result<(), String> {
 /// first attachment). Removed on drop, after the namespace (declare it first).
 pub struct VmNetwork {
     state: ScratchDir,
-    _pins: crate::BpfPinDir,
+    pins: crate::BpfPinDir,
     conflist: PathBuf,
     plugin: PathBuf,
 }
@@ -161,10 +161,21 @@ impl VmNetwork {
         std::thread::sleep(Duration::from_secs(2));
         Ok(VmNetwork {
             state,
-            _pins: pins,
+            pins,
             conflist,
             plugin,
         })
+    }
+
+    /// The names pinned under the switch's `links/` (`<hook>:<ifindex>:<ifname>`).
+    pub fn link_pins(&self) -> Vec<String> {
+        std::fs::read_dir(self.pins.path().join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// ferrovirt-cni's state directory (the agent reads its records).

@@ -614,6 +614,15 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
         str_at(&a["status"]["interfaces"][0], "/ipAddress"),
         "10.250.0.11"
     );
+    // ferrovirt-cni attached each TAP's program as a cls_bpf filter; the agent made both
+    // TCX links before their VMs booted.
+    let pins = net.link_pins();
+    let linked = pins.iter().filter(|p| p.starts_with("endpoint:")).count();
+    let filters = pins
+        .iter()
+        .filter(|p| p.starts_with("endpoint-filter:"))
+        .count();
+    assert_eq!((linked, filters), (2, 0), "{pins:?}");
     node.wait_phase("receiver", "Succeeded");
     let log = node
         .ns

@@ -75,6 +75,16 @@ pub fn call_plugin(
     conf: &Value,
     extra_env: &[(&str, &str)],
 ) -> Reply {
+    run_plugin(plugin_command(binary, command, attachment, extra_env), conf)
+}
+
+/// The command [`call_plugin`] runs, to adjust before [`run_plugin`].
+pub fn plugin_command(
+    binary: &Path,
+    command: &str,
+    attachment: Option<&Attachment>,
+    extra_env: &[(&str, &str)],
+) -> Command {
     let cni_path =
         std::env::join_paths([plugin_dir(), PathBuf::from(DEBIAN_CNI_DIR)]).unwrap_or_default();
     let mut cmd = Command::new(binary);
@@ -100,9 +110,14 @@ pub fn call_plugin(
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// Runs `cmd` with `conf` on its stdin, as a runtime does.
+pub fn run_plugin(mut cmd: Command, conf: &Value) -> Reply {
     let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(conf.to_string().as_bytes());
     }

@@ -249,7 +249,7 @@ impl OwnedTap {
 impl Drop for OwnedTap {
     fn drop(&mut self) {
         let deleted = Netlink::open().and_then(|mut n| match n.link(&self.0, false)? {
-            Some(link) => n.delete_link(link.index),
+            Some(link) => n.delete_link_unlisted(link.index),
             None => Ok(()),
         });
         if let Err(e) = deleted {
