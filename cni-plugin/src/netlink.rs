@@ -268,6 +268,21 @@ impl Netlink {
         }
     }
 
+    /// Deletes link `index` and waits for the kernel to finish unregistering it, for a caller
+    /// that must leave no process behind; gone already is fine.
+    pub fn delete_link(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        match self.request(
+            RouteNetlinkMessage::DelLink(message),
+            0,
+            &format!("deleting link #{index}"),
+        ) {
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Reads what `monitor` has queued: true when it says link `index` was deleted. When the
     /// queue overflowed (notifications were dropped), asks the kernel instead.
     fn unlisted(&mut self, monitor: &mut Socket, index: u32) -> Result<bool, NetlinkError> {
@@ -583,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_link_is_unlisted_when_the_call_returns_and_refusals_are_reported() {
+    fn deleted_links_are_gone_when_the_calls_return_and_refusals_are_reported() {
         in_new_netns(|| {
             let spec = crate::tap::TapSpec {
                 queues: 2,
@@ -602,6 +617,12 @@ mod tests {
             let e = nl.delete_link_unlisted(1).unwrap_err();
             assert_eq!(e.errno(), Some(libc::EOPNOTSUPP), "{e}");
             assert!(nl.link("lo", false).unwrap().is_some());
+            // The waiting delete too.
+            crate::tap::create_tap("fvdel1", spec).unwrap();
+            let tap = nl.link("fvdel1", false).unwrap().unwrap();
+            nl.delete_link(tap.index).unwrap();
+            assert_eq!(nl.link("fvdel1", false).unwrap(), None);
+            nl.delete_link(tap.index).unwrap();
         });
     }
 

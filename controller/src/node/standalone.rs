@@ -248,8 +248,9 @@ impl OwnedTap {
 
 impl Drop for OwnedTap {
     fn drop(&mut self) {
+        // Waiting for the whole unregistration (~20 ms): a run leaves no process behind.
         let deleted = Netlink::open().and_then(|mut n| match n.link(&self.0, false)? {
-            Some(link) => n.delete_link_unlisted(link.index),
+            Some(link) => n.delete_link(link.index),
             None => Ok(()),
         });
         if let Err(e) = deleted {
