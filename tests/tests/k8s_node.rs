@@ -716,13 +716,16 @@ fn a_disk_backend_killed_while_the_guest_writes_loses_no_write() {
     let node = Node::start("node-inflight");
     let images = ScratchDir::new("node-inflight").unwrap_or_else(|e| panic!("{e}"));
     let image = images.join("data.img");
-    const SECTORS: u64 = 512 * 1024;
+    // 1 GiB in 8 KiB requests: long enough (several seconds of writes) that the guest is
+    // still writing when the test has seen the VMI Running and the first 16 MiB on disk.
+    // With 256 MiB in 32 KiB requests it was done before that once on a quiet machine.
+    const SECTORS: u64 = 2 * 1024 * 1024;
     node.ns
         .apply(&vmi_yaml(
             "busy",
-            &format!("scenario=blk blk_seed=77 blk_sectors={SECTORS} blk_req=64 blk_depth=8"),
+            &format!("scenario=blk blk_seed=77 blk_sectors={SECTORS} blk_req=16 blk_depth=8"),
             &format!(
-                "hostDisk: {{path: {}, type: DiskOrCreate, capacity: 256Mi}}",
+                "hostDisk: {{path: {}, type: DiskOrCreate, capacity: 1Gi}}",
                 image.display()
             ),
         ))
@@ -901,7 +904,7 @@ fn persistent_volume_claims_on_local_volumes_serve_disks_in_filesystem_and_block
 }
 
 #[test]
-fn a_container_disk_is_copied_from_its_image_and_the_guest_reads_the_images_bytes() {
+fn a_container_disk_is_copied_from_its_image_and_a_missing_disk_or_image_is_a_condition() {
     let node = Node::start("node-cdisk");
     // An image with the disk and nothing else (no shell, no C library), as KubeVirt's
     // containerDisk images are: 2048 sectors of pattern 51, then 1 MiB of zeroes.
@@ -962,6 +965,33 @@ fn a_container_disk_is_copied_from_its_image_and_the_guest_reads_the_images_byte
     node.wait_phase("nodisk", "Failed");
     assert_node_clean(&uid, &Value::Null);
     assert!(live_backends(&uid).is_empty());
+    // An image the kubelet cannot pull (nothing listens on port 1): a condition with the
+    // kubelet's reason while the VMI waits in Scheduling.
+    let absent = "localhost:1/ferrovirt/absent-disk:1";
+    node.ns
+        .apply(&vmi_yaml(
+            "nopull",
+            "scenario=idle",
+            &format!("containerDisk: {{image: \"{absent}\"}}"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_vmi("nopull", "an image pull condition", |v| {
+        v["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                str_at(c, "/type") == "Synchronized"
+                    && ["ErrImagePull", "ImagePullBackOff"].contains(&str_at(c, "/reason"))
+            })
+        })
+    });
+    let conditions = v["status"]["conditions"].to_string();
+    assert!(
+        conditions.contains(&format!("cannot get its image {absent}")),
+        "{conditions}"
+    );
+    assert_eq!(str_at(&v, "/status/phase"), "Scheduling");
+    node.ns
+        .kubectl(&["delete", "vmi", "nopull", "--wait=true", "--timeout=60s"])
+        .unwrap_or_else(|e| panic!("{e}"));
     let _ = std::process::Command::new("ctr")
         .arg("-a")
         .arg(cluster().containerd_socket())

@@ -261,6 +261,7 @@ mod tests {
             node: Some("n2".into()),
             unschedulable: None,
             ended: None,
+            image_pull: None,
         }
     }
 

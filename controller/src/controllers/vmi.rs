@@ -35,7 +35,18 @@ pub struct PodState {
     pub unschedulable: Option<String>,
     /// Why the pod ended, when it did.
     pub ended: Option<String>,
+    /// A container whose image the kubelet cannot pull (the launcher's, or a containerDisk
+    /// volume's): the kubelet's reason and a message naming the image.
+    pub image_pull: Option<(String, String)>,
 }
+
+/// The kubelet's waiting reasons for an image it cannot get.
+const IMAGE_PULL_REASONS: [&str; 4] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+];
 
 impl PodState {
     pub fn of(pod: &Pod) -> PodState {
@@ -67,11 +78,33 @@ impl PodState {
                 ))
             })
         });
+        let image_pull = status
+            .init_container_statuses
+            .iter()
+            .chain(status.container_statuses.iter())
+            .flatten()
+            .find_map(|c| {
+                let waiting = c.state.as_ref()?.waiting.as_ref()?;
+                let reason = waiting.reason.as_deref()?;
+                IMAGE_PULL_REASONS.contains(&reason).then(|| {
+                    let detail = waiting
+                        .message
+                        .as_ref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default();
+                    let message = format!(
+                        "the launcher's {} container cannot get its image {}{detail}",
+                        c.name, c.image
+                    );
+                    (reason.to_owned(), message)
+                })
+            });
         PodState {
             phase: status.phase.unwrap_or_else(|| "Pending".into()),
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             unschedulable,
             ended,
+            image_pull,
         }
     }
 }
@@ -233,6 +266,13 @@ async fn reconcile_inner(vmi: &VirtualMachineInstance, ctx: &Context) -> Result<
         status.reason = reason.clone();
     }
     let stamp = now();
+    if let Some((reason, message)) = pod_state.as_ref().and_then(|p| p.image_pull.clone()) {
+        set_condition(
+            &mut status.conditions,
+            Condition::new("Synchronized", ConditionStatus::False, &reason, message),
+            &stamp,
+        );
+    }
     match pod_state.as_ref().and_then(|p| p.unschedulable.clone()) {
         Some(why) => set_condition(
             &mut status.conditions,
@@ -455,6 +495,7 @@ mod tests {
             node: node.map(Into::into),
             unschedulable: None,
             ended: None,
+            image_pull: None,
         }
     }
 
@@ -527,5 +568,30 @@ mod tests {
             Some("the launcher's compute container exited with status 3 (Error)")
         );
         assert_eq!(s.node.as_deref(), Some("localhost"));
+        assert_eq!(s.image_pull, None);
+    }
+
+    #[test]
+    fn pod_state_names_an_image_the_kubelet_cannot_pull() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "compute"}], "nodeName": "localhost"},
+            "status": {"phase": "Pending",
+                "initContainerStatuses": [{"name": "volume-0", "image": "registry.example/disk:1",
+                    "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "ImagePullBackOff",
+                                          "message": "Back-off pulling image"}}}],
+                "containerStatuses": [{"name": "compute", "image": "i", "imageID": "",
+                    "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "PodInitializing"}}}]}
+        }))
+        .expect("pod");
+        let (reason, message) = PodState::of(&p).image_pull.expect("an image problem");
+        assert_eq!(reason, "ImagePullBackOff");
+        assert_eq!(
+            message,
+            "the launcher's volume-0 container cannot get its image registry.example/disk:1: \
+             Back-off pulling image"
+        );
     }
 }

@@ -92,7 +92,8 @@ pub struct VirtualMachineInstanceStatus {
     /// When each phase was entered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phase_transition_timestamps: Vec<PhaseTransition<VmiPhase>>,
-    /// Ready, AgentConnected, PodScheduled, Synchronized.
+    /// Ready, AgentConnected, PodScheduled, Synchronized (False with the reason when the
+    /// launcher pod cannot be made or its images pulled, or the VM cannot be started).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
