@@ -271,8 +271,13 @@ impl Datapath {
     }
 
     fn detach_endpoint_programs(&self, ifindex: u32) -> Result<(), DatapathError> {
-        // Without TCX (Linux < 6.6) attach_tc_program made an unpinned filter: by name.
-        let ifname = ifname_of(ifindex);
+        // Without TCX (Linux < 6.6) attach_tc_program made an unpinned filter: by name, when
+        // the endpoint has no recorded filter of ours (detach_endpoint_filter removes that).
+        let recorded = self
+            .pin_dir
+            .link_by_ifindex(Hook::EndpointFilter, ifindex)?
+            .is_some();
+        let ifname = ifname_of(ifindex).filter(|_| !recorded);
         let netlink_name = ifname.as_deref().map(|name| (name, FROM_ENDPOINT));
         attach::detach_program(&self.pin_dir, Hook::Endpoint, ifindex, netlink_name)?;
         attach::detach_endpoint_filter(&self.pin_dir, ifindex)?;
