@@ -431,16 +431,12 @@ impl Netlink {
         let mut replies = Vec::new();
         loop {
             let (data, _) = self.socket.recv_from_full().map_err(io_err)?;
-            let mut offset = 0;
-            while offset < data.len() {
+            for bytes in messages(&data) {
                 let message: NetlinkMessage<RouteNetlinkMessage> =
-                    NetlinkMessage::deserialize(&data[offset..]).map_err(|e| {
-                        NetlinkError::Decode {
-                            op: op.to_owned(),
-                            detail: e.to_string(),
-                        }
+                    NetlinkMessage::deserialize(bytes).map_err(|e| NetlinkError::Decode {
+                        op: op.to_owned(),
+                        detail: e.to_string(),
                     })?;
-                let length = message.header.length as usize;
                 if message.header.sequence_number == sequence {
                     match message.payload {
                         NetlinkPayload::Error(error) if error.code.is_some() => {
@@ -457,10 +453,6 @@ impl Netlink {
                         _ => {}
                     }
                 }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
             }
         }
     }
@@ -517,15 +509,19 @@ fn delete_in_child(request: &[u8], devnull: std::os::fd::RawFd) -> ! {
 }
 
 /// The netlink messages in one datagram, each as its bytes (headers give the lengths,
-/// messages are 4-byte aligned); stops at a malformed header.
+/// messages are 4-byte aligned). A header whose length is impossible ends the split with the
+/// rest as one last piece, which then fails to parse where parsing matters.
 fn messages(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = data;
     std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
         let length = rest
             .get(..4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize)?;
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize);
         if length < 16 || length > rest.len() {
-            return None;
+            return Some(std::mem::take(&mut rest));
         }
         let (message, tail) = rest.split_at(length);
         rest = tail
@@ -627,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn messages_are_split_by_their_headers_and_a_bad_length_stops() {
+    fn messages_are_split_by_their_headers_and_a_bad_length_ends_the_split() {
         let mut data = Vec::new();
         for (length, fill) in [(18u32, 1u8), (16, 2)] {
             data.extend(length.to_ne_bytes());
@@ -636,8 +632,11 @@ mod tests {
         }
         let split: Vec<_> = messages(&data).map(<[u8]>::len).collect();
         assert_eq!(split, [18, 16]);
+        // A length past the end: the rest is one piece, for the parser to refuse.
         data.extend(100u32.to_ne_bytes());
         data.extend([0; 12]);
-        assert_eq!(messages(&data).count(), 2);
+        let split: Vec<_> = messages(&data).map(<[u8]>::len).collect();
+        assert_eq!(split, [18, 16, 16]);
+        assert!(NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[36..]).is_err());
     }
 }

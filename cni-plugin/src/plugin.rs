@@ -278,14 +278,7 @@ impl Call<'_> {
             let lease = ipam.map(|ipam| scope.spawn(move || ipam.add(None)));
             let prepared =
                 vm_mac.map(|mac| vhost_user::prepare(&self.conf, mac, self.env, record, store));
-            let leased = lease.map(|handle| {
-                handle.join().unwrap_or_else(|_| {
-                    Err(IpamError::Spawn(
-                        PathBuf::from("ipam"),
-                        std::io::Error::other("the IPAM thread panicked"),
-                    ))
-                })
-            });
+            let leased = lease.map(join_ipam);
             (leased.transpose(), prepared.transpose())
         });
         let (leased, prepared) = (leased?, prepared?);
@@ -459,14 +452,7 @@ fn teardown(
             .filter(|_| record.ipam_leased)
             .map(|ipam| scope.spawn(move || release(ipam)));
         let mode = teardown_mode(record, netns);
-        let lease = lease.map(|handle| {
-            handle.join().unwrap_or_else(|_| {
-                Err(IpamError::Spawn(
-                    PathBuf::from("ipam"),
-                    std::io::Error::other("the IPAM release thread panicked"),
-                ))
-            })
-        });
+        let lease = lease.map(join_ipam);
         (mode, lease)
     });
     mode?;
@@ -474,6 +460,19 @@ fn teardown(
         lease?;
     }
     Ok(())
+}
+
+/// The outcome of an IPAM call run on a thread of its own (ADD and DEL overlap it with the
+/// mode's work); a panic there is an IPAM failure.
+fn join_ipam<T>(
+    handle: std::thread::ScopedJoinHandle<'_, Result<T, IpamError>>,
+) -> Result<T, IpamError> {
+    handle.join().unwrap_or_else(|_| {
+        Err(IpamError::Spawn(
+            PathBuf::from("ipam"),
+            std::io::Error::other("the IPAM thread panicked"),
+        ))
+    })
 }
 
 /// The mode's part of [`teardown`].
