@@ -18,7 +18,7 @@ fn main() {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
 
     let mut command = Command::new(&clang);
-    command.args(["-target", "bpf", "-O2", "-g", "-Wall"]);
+    command.args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"]);
     if let Some(dir) = multiarch_include_dir() {
         // Debian keeps asm/types.h (pulled in by linux/types.h) under the multiarch directory,
         // which clang does not search for the bpf target.

@@ -40,7 +40,7 @@ impl SuiteReport {
         if !self.goals.is_empty() {
             md.push_str("\n## Goals\n\n");
             for goal in &self.goals {
-                let what = if goal.on_ratio { "ratio" } else { "ferrovirt" };
+                let what = goal.basis.label();
                 let line = match goal.check(&self.rows) {
                     Some((met, value)) => {
                         let verdict = if met { "met" } else { "NOT met" };

@@ -164,8 +164,31 @@ pub struct Goal {
     pub better: Better,
     /// How a person says it, e.g. "≤ 5 CPU ms to guest entry".
     pub text: String,
-    /// The limit applies to the ferrovirt ÷ peer ratio rather than to ferrovirt's median.
-    pub on_ratio: bool,
+    /// What the limit applies to.
+    pub basis: GoalBasis,
+}
+
+/// The value of a row a [`Goal`] judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoalBasis {
+    /// ferrovirt's median.
+    Ferrovirt,
+    /// The ferrovirt ÷ peer ratio.
+    Ratio,
+    /// ferrovirt's median minus the peer's, for a peer that is a floor under ferrovirt's
+    /// measurement (a harness's own cost).
+    AbovePeer,
+}
+
+impl GoalBasis {
+    /// How the report names the value.
+    pub fn label(self) -> &'static str {
+        match self {
+            GoalBasis::Ferrovirt => "ferrovirt",
+            GoalBasis::Ratio => "ratio",
+            GoalBasis::AbovePeer => "ferrovirt − peer",
+        }
+    }
 }
 
 impl Goal {
@@ -175,7 +198,15 @@ impl Goal {
             limit,
             better: Better::Lower,
             text: text.to_string(),
-            on_ratio: false,
+            basis: GoalBasis::Ferrovirt,
+        }
+    }
+
+    /// ferrovirt's median minus the peer's (a floor) must stay at or below `limit`.
+    pub fn above_peer_at_most(metric: &str, limit: f64, text: &str) -> Goal {
+        Goal {
+            basis: GoalBasis::AbovePeer,
+            ..Goal::at_most(metric, limit, text)
         }
     }
 
@@ -185,14 +216,14 @@ impl Goal {
             limit,
             better: Better::Higher,
             text: text.to_string(),
-            on_ratio: false,
+            basis: GoalBasis::Ferrovirt,
         }
     }
 
     /// ferrovirt must reach `limit` times the peer's median.
     pub fn ratio_at_least(metric: &str, limit: f64, text: &str) -> Goal {
         Goal {
-            on_ratio: true,
+            basis: GoalBasis::Ratio,
             ..Goal::at_least(metric, limit, text)
         }
     }
@@ -200,18 +231,18 @@ impl Goal {
     /// ferrovirt must stay at or below `limit` times the peer's median.
     pub fn ratio_at_most(metric: &str, limit: f64, text: &str) -> Goal {
         Goal {
-            on_ratio: true,
+            basis: GoalBasis::Ratio,
             ..Goal::at_most(metric, limit, text)
         }
     }
 
-    /// `Some(met)` with ferrovirt's median, or `None` when the metric is not in `rows`.
+    /// `Some(met)` with the value judged, or `None` when the metric is not in `rows`.
     pub fn check(&self, rows: &[Summary]) -> Option<(bool, f64)> {
         let row = rows.iter().find(|s| s.row.name == self.metric)?;
-        let value = if self.on_ratio {
-            row.row.ratio?
-        } else {
-            row.row.ferrovirt
+        let value = match self.basis {
+            GoalBasis::Ferrovirt => row.row.ferrovirt,
+            GoalBasis::Ratio => row.row.ratio?,
+            GoalBasis::AbovePeer => row.row.ferrovirt - row.row.peer,
         };
         let met = match self.better {
             Better::Lower => value <= self.limit,
@@ -323,6 +354,18 @@ mod tests {
             Some((false, 2.5))
         );
         assert_eq!(Goal::at_most("other", 1.0, "").check(&rows), None);
+    }
+
+    #[test]
+    fn a_goal_above_a_floor_judges_the_difference_of_the_medians() {
+        let mut s = Samples::new("prog", "ns", Better::Lower);
+        s.push(Side::Ferrovirt, 73.0);
+        s.push(Side::Peer, 26.0);
+        let rows = vec![s.summarize("floor").unwrap()];
+        let goal = Goal::above_peer_at_most("prog", 50.0, "≤ 50 ns");
+        assert_eq!(goal.check(&rows), Some((true, 47.0)));
+        let strict = Goal::above_peer_at_most("prog", 40.0, "≤ 40 ns");
+        assert_eq!(strict.check(&rows), Some((false, 47.0)));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/cni/ferrovirt";
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/ferrovirt/vhost-user";
 /// The most queue pairs a TAP may get (the kernel's limit is 256 queues).
 pub const MAX_QUEUES: u16 = 256;
+/// The largest `networkId`: the eBPF datapath keeps networks in an array of 1024.
+pub const MAX_NETWORK_ID: u32 = 1023;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -374,12 +376,10 @@ impl NetConf {
         {
             return Err(out_of_range("queues", &queues, "use 1..=256"));
         }
-        if self.network_id == Some(0) {
-            return Err(out_of_range(
-                "networkId",
-                &0,
-                "0 is reserved; use 1 or more",
-            ));
+        if let Some(network) = self.network_id
+            && !(1..=MAX_NETWORK_ID).contains(&network)
+        {
+            return Err(out_of_range("networkId", &network, "use 1..=1023"));
         }
         if let Some(vlan) = self.vlan
             && vlan > 4094
@@ -537,5 +537,27 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn network_ids_outside_the_datapaths_range_are_refused() {
+        let base = vhost();
+        for id in [0, MAX_NETWORK_ID + 1] {
+            let mut v = base.clone();
+            v["networkId"] = json!(id);
+            assert!(
+                matches!(
+                    parse(v),
+                    Err(ConfigError::OutOfRange {
+                        key: "networkId",
+                        ..
+                    })
+                ),
+                "{id}"
+            );
+        }
+        let mut v = base;
+        v["networkId"] = json!(MAX_NETWORK_ID);
+        assert!(parse(v).is_ok());
     }
 }

@@ -27,29 +27,31 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FV_MAX_ENDPOINTS);
-	__type(key, __u32);
-	__type(value, struct fv_endpoint);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} fv_endpoints SEC(".maps");
+#define ARRAY_MAP(name, entries, value_type)                                                   \
+	struct {                                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                                              \
+		__uint(max_entries, entries);                                                  \
+		__type(key, __u32);                                                            \
+		__type(value, value_type);                                                     \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                                           \
+	} name SEC(".maps")
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FV_MAX_NETWORKS);
-	__type(key, __u32);
-	__type(value, struct fv_network);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} fv_networks SEC(".maps");
+/* ifindex -> slot in fv_ports and fv_counters (0: none), for ifindexes < FV_MAX_IFINDEX. */
+ARRAY_MAP(fv_port_slots, FV_MAX_IFINDEX, __u32);
 
+/* The same for larger ifindexes, which a long-lived node reaches (they only grow). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FV_MAX_FDB);
-	__type(key, struct fv_fdb_key);
+	__uint(max_entries, FV_MAX_PORTS);
+	__type(key, __u32);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} fv_fdb SEC(".maps");
+} fv_port_slots_high SEC(".maps");
+
+ARRAY_MAP(fv_ports, FV_MAX_PORTS, struct fv_port);
+ARRAY_MAP(fv_port_alloc, 1, struct fv_port_alloc);
+ARRAY_MAP(fv_networks, FV_MAX_NETWORKS, struct fv_network);
+ARRAY_MAP(fv_policies, FV_MAX_POLICIES, struct fv_policy);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -60,25 +62,8 @@ struct {
 } fv_uplinks SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FV_MAX_ADDRS);
-	__type(key, struct fv_addr_key);
-	__type(value, __u8);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} fv_addrs SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, FV_MAX_POLICY_PREFIXES);
-	__type(key, struct fv_policy_key);
-	__type(value, struct fv_rules);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} fv_policy SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, FV_MAX_ENDPOINTS + FV_MAX_UPLINKS);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FV_MAX_PORTS);
 	__type(key, __u32);
 	__type(value, struct fv_counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -116,14 +101,26 @@ struct vlan_hdr {
 	__be16 proto;
 };
 
-static __always_inline struct fv_counters *counters_of(__u32 ifindex)
+/* The slot of the port on `ifindex`; 0 when it is none of ours. */
+static __always_inline __u32 port_slot(__u32 ifindex)
 {
-	return bpf_map_lookup_elem(&fv_counters, &ifindex);
+	__u32 *slot;
+
+	if (ifindex < FV_MAX_IFINDEX)
+		slot = bpf_map_lookup_elem(&fv_port_slots, &ifindex);
+	else
+		slot = bpf_map_lookup_elem(&fv_port_slots_high, &ifindex);
+	return slot ? *slot : 0;
 }
 
-static __always_inline void count_rx(__u32 ifindex, __u32 len)
+static __always_inline struct fv_counters *counters_of(__u32 slot)
 {
-	struct fv_counters *c = counters_of(ifindex);
+	return bpf_map_lookup_elem(&fv_counters, &slot);
+}
+
+static __always_inline void count_rx(__u32 slot, __u32 len)
+{
+	struct fv_counters *c = counters_of(slot);
 
 	if (c) {
 		c->rx_packets++;
@@ -160,12 +157,18 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
 }
 
-static __always_inline int ipv4_allowed(__u32 ifindex, __be32 addr)
+static __always_inline int ipv4_allowed(const struct fv_port *port, __be32 addr)
 {
-	struct fv_addr_key key = { .ifindex = ifindex, .family = FV_FAMILY_IPV4 };
+	int i;
 
-	__builtin_memcpy(key.addr, &addr, 4);
-	return bpf_map_lookup_elem(&fv_addrs, &key) != NULL;
+#pragma unroll
+	for (i = 0; i < FV_MAX_ADDRS; i++) {
+		if (i >= port->addr4_count)
+			break;
+		if (port->addr4[i] == addr)
+			return 1;
+	}
+	return 0;
 }
 
 /* fe80::/64: link-local addresses are not routed, and guests pick them themselves
@@ -181,46 +184,101 @@ static __always_inline int ipv6_unspecified(const struct in6_addr *a)
 		a->in6_u.u6_addr32[3]) == 0;
 }
 
-static __always_inline int ipv6_allowed(__u32 ifindex, const struct in6_addr *a)
+static __always_inline int ipv6_eq(const __u32 *a, const struct in6_addr *b)
 {
-	struct fv_addr_key key = { .ifindex = ifindex, .family = FV_FAMILY_IPV6 };
+	return ((a[0] ^ b->in6_u.u6_addr32[0]) | (a[1] ^ b->in6_u.u6_addr32[1]) |
+		(a[2] ^ b->in6_u.u6_addr32[2]) | (a[3] ^ b->in6_u.u6_addr32[3])) == 0;
+}
+
+static __always_inline int ipv6_allowed(const struct fv_port *port, const struct in6_addr *a)
+{
+	int i;
 
 	if (ipv6_link_local(a))
 		return 1;
-	__builtin_memcpy(key.addr, a, 16);
-	return bpf_map_lookup_elem(&fv_addrs, &key) != NULL;
+#pragma unroll
+	for (i = 0; i < FV_MAX_ADDRS; i++) {
+		if (i >= port->addr6_count)
+			break;
+		if (ipv6_eq(port->addr6[i], a))
+			return 1;
+	}
+	return 0;
 }
 
-/* The endpoint's allow-list: the longest CIDR that holds the destination (the loader has
- * merged every covering CIDR's rules into it), then a rule for the protocol and port. */
-static __always_inline int policy_allows(__u32 policy, __u32 family, const void *daddr, __u8 proto,
-					 int has_port, __u16 dport)
+/* The packet a policy decides on. */
+struct fv_flow {
+	__u32 daddr[4]; /* wire order; IPv4 in daddr[0] */
+	__u8 ipv6;
+	__u8 proto;
+	__u8 has_port;
+	__u8 pad;
+	__u16 dport;
+	__u16 pad2;
+};
+
+/*
+ * Global functions (FV_SUBPROG) are verified once on their own instead of once for every
+ * path that reaches them, which keeps the verifier's work on the bounded loops below small.
+ * Each costs a call per packet, so only the loops are one.
+ */
+#define FV_SUBPROG __attribute__((noinline))
+
+/* Whether the ports of rule `r` allow the flow. The flow's port fields are read from
+ * memory each time: kept in registers, the verifier's branch on them would split every
+ * later iteration's state in two (measured: 160k instructions to verify instead of 70k). */
+static __always_inline int ports_allow(const struct fv_rule *r, const struct fv_flow *f)
 {
-	struct fv_policy_key key = { .policy = policy, .family = family };
-	struct fv_rules *rules;
+	if (r->port_min == 0 && r->port_max == 0xffff)
+		return 1;
+	return f->has_port && f->dport >= r->port_min && f->dport <= r->port_max;
+}
+
+/* The endpoint's allow-list: some rule of the flow's family matches its protocol, holds
+ * the destination in its CIDR and allows its port. IPv6 rules follow the IPv4 ones. */
+FV_SUBPROG int policy_allows(__u32 policy_id, const struct fv_flow *f)
+{
+	struct fv_policy *policy = bpf_map_lookup_elem(&fv_policies, &policy_id);
+	__u32 d0, d1, d2, d3, start, end;
+	__u8 proto;
 	int i;
 
-	if (family == FV_FAMILY_IPV4) {
-		key.prefixlen = 64 + 32;
-		__builtin_memcpy(key.addr, daddr, 4);
-	} else {
-		key.prefixlen = 64 + 128;
-		__builtin_memcpy(key.addr, daddr, 16);
-	}
-	rules = bpf_map_lookup_elem(&fv_policy, &key);
-	if (!rules)
+	if (!policy || !f)
 		return 0;
-#pragma unroll
-	for (i = 0; i < FV_MAX_RULES; i++) {
-		struct fv_rule *r = &rules->rules[i];
+	d0 = f->daddr[0];
+	d1 = f->daddr[1];
+	d2 = f->daddr[2];
+	d3 = f->daddr[3];
+	proto = f->proto;
+	if (!f->ipv6) {
+		end = policy->ipv4_rules;
+		for (i = 0; i < FV_MAX_POLICY_RULES; i++) {
+			const struct fv_rule *r = &policy->rules[i];
 
-		if (i >= rules->count)
+			if (i >= end)
+				break;
+			if (r->proto != FV_PROTO_ANY && r->proto != proto)
+				continue;
+			if (((d0 ^ r->addr[0]) & r->mask[0]) == 0 &&
+			    ports_allow(r, f))
+				return 1;
+		}
+		return 0;
+	}
+	start = policy->ipv4_rules;
+	end = policy->ipv6_rules;
+	for (i = 0; i < FV_MAX_POLICY_RULES; i++) {
+		/* The control plane keeps ipv4_rules + ipv6_rules <= FV_MAX_POLICY_RULES; the
+		 * mask is for the verifier. */
+		const struct fv_rule *r = &policy->rules[(start + i) & (FV_MAX_POLICY_RULES - 1)];
+
+		if (i >= end)
 			break;
 		if (r->proto != FV_PROTO_ANY && r->proto != proto)
 			continue;
-		if (r->port_min == 0 && r->port_max == 0xffff)
-			return 1;
-		if (has_port && dport >= r->port_min && dport <= r->port_max)
+		if ((((d0 ^ r->addr[0]) & r->mask[0]) | ((d1 ^ r->addr[1]) & r->mask[1]) |
+		     ((d2 ^ r->addr[2]) & r->mask[2]) | ((d3 ^ r->addr[3]) & r->mask[3])) == 0 &&
+		    ports_allow(r, f))
 			return 1;
 	}
 	return 0;
@@ -236,23 +294,65 @@ static __always_inline void pull_headers(struct __sk_buff *skb)
 }
 
 /* Copies the frame to every other endpoint of the network. */
-static __always_inline void flood_members(struct __sk_buff *skb, const struct fv_network *net,
-					  __u32 from)
+FV_SUBPROG int flood_members(struct __sk_buff *skb, const struct fv_network *net, __u32 from)
 {
-	__u32 len = skb->len;
+	__u32 len;
 	int i;
 
+	if (!skb || !net)
+		return 0;
+	len = skb->len;
 	for (i = 0; i < FV_MAX_MEMBERS; i++) {
-		__u32 member;
+		const struct fv_member *m = &net->members[i];
 
 		if (i >= net->member_count)
 			break;
-		member = net->members[i];
-		if (member == 0 || member == from)
+		if (m->ifindex == 0 || m->ifindex == from)
 			continue;
-		if (bpf_clone_redirect(skb, member, 0) == 0)
-			count_rx(member, len);
+		if (bpf_clone_redirect(skb, m->ifindex, 0) == 0)
+			count_rx(m->slot, len);
 	}
+	return 0;
+}
+
+/* A MAC as one integer: bytes 0-3 little-endian in the low half, 4-5 above them. */
+static __always_inline __u64 mac_key(const __u8 *mac)
+{
+	return *(const __u32 *)mac | ((__u64) * (const __u16 *)(mac + 4) << 32);
+}
+
+/* 1 + the members[] entry that owns the MAC, or 0: probes the FDB index from the MAC's
+ * bucket (ebpf/src/maps.rs computes the same bucket) until an empty one. */
+static __always_inline __u32 fdb_find(const struct fv_network *net, __u64 mac)
+{
+	__u32 bucket = ((__u32)(mac >> 16) * 2654435761u) >> 25;
+	int i;
+
+	if (!net)
+		return 0;
+	for (i = 0; i < FV_FDB_BUCKETS; i++) {
+		__u32 entry = net->fdb[bucket & (FV_FDB_BUCKETS - 1)];
+		const struct fv_member *m;
+
+		if (entry == 0)
+			return 0;
+		m = &net->members[(entry - 1) & (FV_MAX_MEMBERS - 1)];
+		if (m->ifindex != 0 && mac_key(m->mac) == mac)
+			return entry;
+		bucket++;
+	}
+	return 0;
+}
+
+/* The local endpoint that owns `mac` on the network, or NULL. */
+static __always_inline const struct fv_member *fdb_lookup(const struct fv_network *net,
+							  const __u8 *mac)
+{
+	__u32 entry = fdb_find(net, mac_key(mac));
+
+	if (!entry)
+		return NULL;
+	return &net->members[(entry - 1) & (FV_MAX_MEMBERS - 1)];
 }
 
 static __always_inline int to_uplink(struct __sk_buff *skb, const struct fv_network *net)
@@ -262,14 +362,13 @@ static __always_inline int to_uplink(struct __sk_buff *skb, const struct fv_netw
 	if (net->vlan && bpf_skb_vlan_push(skb, ETH_P_8021Q_BE, net->vlan) != 0)
 		return TC_ACT_SHOT;
 	len = skb->len;
-	count_rx(net->uplink, len);
+	count_rx(net->uplink_slot, len);
 	return bpf_redirect(net->uplink, 0);
 }
 
 /* Anti-spoofing and policy for one frame from an endpoint; 0 lets it through, otherwise
  * the reason it is dropped. */
-static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifindex,
-					       const struct fv_endpoint *ep)
+static __always_inline int check_from_endpoint(struct __sk_buff *skb, const struct fv_port *ep)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -305,14 +404,22 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 				}
 			}
 		}
-		if (check_ip && !ipv4_allowed(ifindex, ip->saddr)) {
+		if (check_ip && !ipv4_allowed(ep, ip->saddr)) {
 			/* DHCP: a client without an address asks from 0.0.0.0 to port 67. */
 			if (!(ip->saddr == 0 && ip->protocol == IPPROTO_UDP && has_port && dport == 67))
 				return FV_DROP_SPOOF_IP + 1;
 		}
-		if (ep->policy &&
-		    !policy_allows(ep->policy, FV_FAMILY_IPV4, &ip->daddr, ip->protocol, has_port, dport))
-			return FV_DROP_POLICY + 1;
+		if (ep->policy) {
+			struct fv_flow flow = {
+				.daddr = { ip->daddr },
+				.proto = ip->protocol,
+				.has_port = has_port,
+				.dport = dport,
+			};
+
+			if (!policy_allows(ep->policy, &flow))
+				return FV_DROP_POLICY + 1;
+		}
 		return 0;
 	}
 
@@ -345,12 +452,12 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 					return FV_DROP_SPOOF_ARP + 1;
 				if (type == 136 && check_ip) {
 					if ((void *)(target + 1) > data_end ||
-					    !ipv6_allowed(ifindex, target))
+					    !ipv6_allowed(ep, target))
 						return FV_DROP_SPOOF_ARP + 1;
 				}
 			}
 		}
-		if (check_ip && !ipv6_allowed(ifindex, &ip6->saddr)) {
+		if (check_ip && !ipv6_allowed(ep, &ip6->saddr)) {
 			/* Duplicate address detection and MLD come from :: before an address is
 			 * configured. */
 			if (!(ipv6_unspecified(&ip6->saddr) && ip6->nexthdr == IPPROTO_ICMPV6))
@@ -361,10 +468,18 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 			dport = bpf_ntohs(*(__be16 *)(l4 + 2));
 			has_port = 1;
 		}
-		if (ep->policy && !neighbor_discovery &&
-		    !policy_allows(ep->policy, FV_FAMILY_IPV6, &ip6->daddr, ip6->nexthdr, has_port,
-				   dport))
-			return FV_DROP_POLICY + 1;
+		if (ep->policy && !neighbor_discovery) {
+			struct fv_flow flow = {
+				.ipv6 = 1,
+				.proto = ip6->nexthdr,
+				.has_port = has_port,
+				.dport = dport,
+			};
+
+			__builtin_memcpy(flow.daddr, &ip6->daddr, sizeof(flow.daddr));
+			if (!policy_allows(ep->policy, &flow))
+				return FV_DROP_POLICY + 1;
+		}
 		return 0;
 	}
 
@@ -378,7 +493,7 @@ static __always_inline int check_from_endpoint(struct __sk_buff *skb, __u32 ifin
 			return FV_DROP_SPOOF_ARP + 1;
 		__builtin_memcpy(&spa, arp->spa, 4);
 		/* 0.0.0.0 is an ARP probe (RFC 5227) and claims nothing. */
-		if (check_ip && spa != 0 && !ipv4_allowed(ifindex, spa))
+		if (check_ip && spa != 0 && !ipv4_allowed(ep, spa))
 			return FV_DROP_SPOOF_ARP + 1;
 		return 0;
 	}
@@ -393,32 +508,32 @@ SEC("classifier")
 int fv_from_endpoint(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ingress_ifindex;
-	struct fv_endpoint *ep;
+	__u32 slot = port_slot(ifindex);
+	const struct fv_member *dst;
 	struct fv_network *net;
 	struct fv_counters *c;
-	struct fv_fdb_key fdb = {};
-	__u32 *dst;
+	struct fv_port *ep;
 	int verdict;
 
-	ep = bpf_map_lookup_elem(&fv_endpoints, &ifindex);
-	if (!ep)
+	ep = bpf_map_lookup_elem(&fv_ports, &slot);
+	if (!ep || !(ep->flags & FV_PORT_ENDPOINT))
 		/* Our program on a TAP we know nothing of: fail closed. */
 		return TC_ACT_SHOT;
-	c = counters_of(ifindex);
+	c = counters_of(slot);
 	if (c) {
 		c->tx_packets++;
 		c->tx_bytes += skb->len;
 	}
 
 	pull_headers(skb);
-	verdict = check_from_endpoint(skb, ifindex, ep);
+	verdict = check_from_endpoint(skb, ep);
 	if (verdict) {
 		count_drop(c, verdict - 1);
 		return TC_ACT_SHOT;
 	}
 
 	net = bpf_map_lookup_elem(&fv_networks, &ep->network);
-	if (!net) {
+	if (!net || !(net->flags & FV_NET_PRESENT)) {
 		count_drop(c, FV_DROP_NO_ROUTE);
 		return TC_ACT_SHOT;
 	}
@@ -437,14 +552,12 @@ int fv_from_endpoint(struct __sk_buff *skb)
 				return TC_ACT_SHOT;
 			return to_uplink(skb, net);
 		}
-		fdb.network = ep->network;
-		__builtin_memcpy(fdb.mac, eth->h_dest, ETH_ALEN);
+		dst = fdb_lookup(net, eth->h_dest);
 	}
 
-	dst = bpf_map_lookup_elem(&fv_fdb, &fdb);
 	if (dst) {
-		count_rx(*dst, skb->len);
-		return bpf_redirect(*dst, 0);
+		count_rx(dst->slot, skb->len);
+		return bpf_redirect(dst->ifindex, 0);
 	}
 	if (net->uplink)
 		return to_uplink(skb, net);
@@ -452,14 +565,29 @@ int fv_from_endpoint(struct __sk_buff *skb)
 	return TC_ACT_SHOT;
 }
 
+/* The network an uplink frame belongs to, by the uplink and its VLAN tag. */
+static __always_inline struct fv_network *uplink_network(const struct fv_uplink_key *key)
+{
+	struct fv_network *net;
+	__u32 *network;
+
+	network = bpf_map_lookup_elem(&fv_uplinks, key);
+	if (!network)
+		return NULL;
+	net = bpf_map_lookup_elem(&fv_networks, network);
+	if (!net || !(net->flags & FV_NET_PRESENT))
+		return NULL;
+	return net;
+}
+
 SEC("classifier")
 int fv_from_uplink(struct __sk_buff *skb)
 {
 	struct fv_uplink_key ukey = { .ifindex = skb->ingress_ifindex };
-	struct fv_fdb_key fdb = {};
+	const struct fv_member *dst = NULL;
 	struct fv_network *net;
 	struct fv_counters *c;
-	__u32 *network, *dst;
+	__u64 mac;
 	int multicast;
 
 	pull_headers(skb);
@@ -482,24 +610,21 @@ int fv_from_uplink(struct __sk_buff *skb)
 			ukey.vlan = bpf_ntohs(vh->tci) & VLAN_VID_MASK;
 		}
 		multicast = eth->h_dest[0] & 1;
-		__builtin_memcpy(fdb.mac, eth->h_dest, ETH_ALEN);
+		mac = mac_key(eth->h_dest);
 	}
 
-	network = bpf_map_lookup_elem(&fv_uplinks, &ukey);
-	if (!network)
-		return TC_ACT_OK; /* not one of our networks: the host's own traffic */
-	net = bpf_map_lookup_elem(&fv_networks, network);
+	net = uplink_network(&ukey);
 	if (!net)
-		return TC_ACT_OK;
-	fdb.network = *network;
-
+		return TC_ACT_OK; /* not one of our networks: the host's own traffic */
 	if (!multicast) {
-		dst = bpf_map_lookup_elem(&fv_fdb, &fdb);
-		if (!dst)
+		__u32 entry = fdb_find(net, mac);
+
+		if (!entry)
 			return TC_ACT_OK; /* for the host or nobody: as if we were not here */
+		dst = &net->members[(entry - 1) & (FV_MAX_MEMBERS - 1)];
 	}
 
-	c = counters_of(ukey.ifindex);
+	c = counters_of(net->uplink_slot);
 	if (c) {
 		c->tx_packets++;
 		c->tx_bytes += skb->len;
@@ -507,9 +632,9 @@ int fv_from_uplink(struct __sk_buff *skb)
 	if (ukey.vlan && bpf_skb_vlan_pop(skb) != 0)
 		return TC_ACT_SHOT;
 
-	if (!multicast) {
-		count_rx(*dst, skb->len);
-		return bpf_redirect(*dst, 0);
+	if (dst) {
+		count_rx(dst->slot, skb->len);
+		return bpf_redirect(dst->ifindex, 0);
 	}
 
 	flood_members(skb, net, 0);
@@ -526,9 +651,9 @@ int fv_xdp_from_uplink(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct fv_uplink_key ukey = { .ifindex = ctx->ingress_ifindex };
 	struct ethhdr *eth = data;
-	struct fv_fdb_key fdb = {};
+	const struct fv_member *dst;
+	struct fv_network *net;
 	struct fv_counters *c;
-	__u32 *network, *dst;
 	__u32 len;
 
 	if ((void *)(eth + 1) > data_end)
@@ -543,17 +668,15 @@ int fv_xdp_from_uplink(struct xdp_md *ctx)
 			return XDP_PASS;
 		ukey.vlan = bpf_ntohs(vh->tci) & VLAN_VID_MASK;
 	}
-	network = bpf_map_lookup_elem(&fv_uplinks, &ukey);
-	if (!network)
+	net = uplink_network(&ukey);
+	if (!net)
 		return XDP_PASS;
-	fdb.network = *network;
-	__builtin_memcpy(fdb.mac, eth->h_dest, ETH_ALEN);
-	dst = bpf_map_lookup_elem(&fv_fdb, &fdb);
+	dst = fdb_lookup(net, eth->h_dest);
 	if (!dst)
 		return XDP_PASS;
 
 	len = data_end - data;
-	c = counters_of(ukey.ifindex);
+	c = counters_of(net->uplink_slot);
 	if (c) {
 		c->tx_packets++;
 		c->tx_bytes += len;
@@ -570,6 +693,6 @@ int fv_xdp_from_uplink(struct xdp_md *ctx)
 			return XDP_DROP;
 		len -= VLAN_HLEN;
 	}
-	count_rx(*dst, len);
-	return bpf_redirect(*dst, 0);
+	count_rx(dst->slot, len);
+	return bpf_redirect(dst->ifindex, 0);
 }

@@ -7,12 +7,13 @@
 use std::net::IpAddr;
 
 use crate::maps::{
-    self, EP_CHECK_IP, FvAddrKey, FvEndpoint, FvFdbKey, FvNetwork, FvUplinkKey, MAX_MEMBERS, Maps,
-    MapsError, lookup, remove_result, update_error,
+    self, EP_CHECK_IP, FvNetwork, FvPort, FvUplinkKey, MAX_ADDRS, MAX_MEMBERS, MAX_NETWORKS,
+    MAX_POLICIES, Maps, MapsError, NET_PRESENT, PORT_ENDPOINT, PORT_UPLINK, lookup, remove_result,
+    update_error,
 };
 use crate::policy::PolicyId;
 
-/// A network id; 0 is invalid.
+/// A network id, 1..=1023 (the index of its entry in the maps).
 pub type NetworkId = u32;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,7 +28,8 @@ pub struct EndpointConfig {
     pub network: NetworkId,
     /// The only source MAC the VM may send.
     pub mac: [u8; 6],
-    /// The only source addresses it may send; empty: no IP anti-spoofing for this endpoint.
+    /// The only source addresses it may send (at most 4 IPv4 and 4 IPv6); empty: no IP
+    /// anti-spoofing for this endpoint.
     pub addresses: Vec<IpAddr>,
     /// Its egress allow-list; None: everything allowed.
     pub policy: Option<PolicyId>,
@@ -35,14 +37,21 @@ pub struct EndpointConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardingError {
-    #[error("network id 0 is invalid; use ids from 1")]
-    InvalidNetworkId,
+    #[error("network id {0} is out of range; use ids 1..={max}", max = MAX_NETWORKS - 1)]
+    InvalidNetworkId(NetworkId),
     #[error("network {0} does not exist; add it with add_network first")]
     UnknownNetwork(NetworkId),
     #[error("VLAN {0} is out of range; 802.1Q VLAN ids are 1..=4094")]
     BadVlan(u16),
-    #[error("policy id 0 is invalid; use None for no policy or ids from 1")]
-    InvalidPolicyId,
+    #[error(
+        "policy id {0} is out of range; use None for no policy or ids 1..={max}",
+        max = MAX_POLICIES - 1
+    )]
+    InvalidPolicyId(PolicyId),
+    #[error(
+        "the endpoint has {count} {family} addresses; at most {MAX_ADDRS} per family fit: give it fewer"
+    )]
+    TooManyAddresses { family: &'static str, count: usize },
     #[error("network {network} still has {members} endpoint(s); detach them first")]
     NetworkInUse { network: NetworkId, members: usize },
     #[error(
@@ -80,22 +89,31 @@ fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 fn check_network_id(id: NetworkId) -> Result<(), ForwardingError> {
-    if id == 0 {
-        Err(ForwardingError::InvalidNetworkId)
-    } else {
+    if (1..MAX_NETWORKS).contains(&id) {
         Ok(())
+    } else {
+        Err(ForwardingError::InvalidNetworkId(id))
     }
 }
 
+/// Network `id`, which must exist.
 fn network(maps: &Maps, id: NetworkId) -> Result<FvNetwork, ForwardingError> {
     check_network_id(id)?;
-    lookup("fv_networks", &maps.networks, &id)?.ok_or(ForwardingError::UnknownNetwork(id))
+    let net = maps.network(id)?;
+    if net.present() {
+        Ok(net)
+    } else {
+        Err(ForwardingError::UnknownNetwork(id))
+    }
 }
 
-fn write_network(maps: &mut Maps, id: NetworkId, network: &FvNetwork) -> Result<(), MapsError> {
-    maps.networks
-        .insert(id, network, 0)
-        .map_err(update_error("fv_networks"))
+/// Network `id` if it exists.
+fn existing_network(maps: &Maps, id: NetworkId) -> Result<Option<FvNetwork>, MapsError> {
+    if !(1..MAX_NETWORKS).contains(&id) {
+        return Ok(None);
+    }
+    let net = maps.network(id)?;
+    Ok(net.present().then_some(net))
 }
 
 /// Creates network `id` or changes its VLAN, keeping its uplink and members.
@@ -110,23 +128,28 @@ pub(crate) fn add_network(
         Some(vlan @ 1..=4094) => vlan,
         Some(vlan) => return Err(ForwardingError::BadVlan(vlan)),
     };
-    let mut net = lookup("fv_networks", &maps.networks, &id)?.unwrap_or_default();
+    let mut net = existing_network(maps, id)?.unwrap_or_default();
     if net.uplink != 0 && net.vlan != vlan {
         claim_uplink_key(maps, uplink_key(net.uplink, vlan), id)?;
         release_uplink_key(maps, uplink_key(net.uplink, net.vlan), id)?;
     }
     net.vlan = vlan;
-    Ok(write_network(maps, id, &net)?)
+    net.flags |= NET_PRESENT;
+    Ok(maps.write_network(id, &net)?)
 }
 
 /// Creates network `id` without a VLAN unless it exists (whose settings are kept); whether
 /// it was created.
 pub(crate) fn ensure_network(maps: &mut Maps, id: NetworkId) -> Result<bool, ForwardingError> {
     check_network_id(id)?;
-    if lookup("fv_networks", &maps.networks, &id)?.is_some() {
+    if existing_network(maps, id)?.is_some() {
         return Ok(false);
     }
-    write_network(maps, id, &FvNetwork::default())?;
+    let net = FvNetwork {
+        flags: NET_PRESENT,
+        ..FvNetwork::default()
+    };
+    maps.write_network(id, &net)?;
     Ok(true)
 }
 
@@ -137,13 +160,14 @@ pub(crate) fn remove_network(
     id: NetworkId,
 ) -> Result<Option<u32>, ForwardingError> {
     check_network_id(id)?;
-    let Some(net) = lookup("fv_networks", &maps.networks, &id)? else {
+    let Some(net) = existing_network(maps, id)? else {
         return Ok(None);
     };
-    if net.member_count > 0 {
+    let members = net.members().count();
+    if members > 0 {
         return Err(ForwardingError::NetworkInUse {
             network: id,
-            members: net.members().len(),
+            members,
         });
     }
     let unused_uplink = if net.uplink != 0 {
@@ -151,7 +175,7 @@ pub(crate) fn remove_network(
     } else {
         None
     };
-    remove_result("fv_networks", maps.networks.remove(&id))?;
+    maps.write_network(id, &FvNetwork::default())?;
     Ok(unused_uplink)
 }
 
@@ -208,10 +232,22 @@ pub(crate) fn configure_uplink(
 ) -> Result<Option<u32>, ForwardingError> {
     let mut net = self::network(maps, network)?;
     claim_uplink_key(maps, uplink_key(ifindex, net.vlan), network)?;
+    let port = match maps.port_of(ifindex)? {
+        Some((_, port)) => FvPort {
+            flags: port.flags | PORT_UPLINK,
+            ..port
+        },
+        None => FvPort {
+            flags: PORT_UPLINK,
+            ifindex,
+            ..FvPort::default()
+        },
+    };
+    let slot = maps.write_port(&port)?;
     let previous = net.uplink;
     net.uplink = ifindex;
-    write_network(maps, network, &net)?;
-    maps.create_counters(ifindex)?;
+    net.uplink_slot = slot;
+    maps.write_network(network, &net)?;
     if previous == 0 || previous == ifindex {
         return Ok(None);
     }
@@ -225,166 +261,141 @@ pub(crate) fn remove_uplink(
     ifindex: u32,
     network: NetworkId,
 ) -> Result<bool, ForwardingError> {
-    if let Some(mut net) = lookup("fv_networks", &maps.networks, &network)?
+    if let Some(mut net) = existing_network(maps, network)?
         && net.uplink == ifindex
     {
         release_uplink_key(maps, uplink_key(ifindex, net.vlan), network)?;
         net.uplink = 0;
-        write_network(maps, network, &net)?;
+        net.uplink_slot = 0;
+        maps.write_network(network, &net)?;
     }
     Ok(forget_uplink_if_unused(maps, ifindex)?)
 }
 
-/// Removes the counters of an uplink no network uses; true if it was unused.
+/// Frees the slot of an uplink no network uses; true if it was unused.
 fn forget_uplink_if_unused(maps: &mut Maps, ifindex: u32) -> Result<bool, MapsError> {
     if uplink_in_use(maps, ifindex)? {
         return Ok(false);
     }
-    remove_result("fv_counters", maps.counters.remove(&ifindex))?;
+    if let Some((_, port)) = maps.port_of(ifindex)?
+        && port.flags & PORT_UPLINK != 0
+    {
+        maps.remove_port(ifindex)?;
+    }
     Ok(true)
 }
 
-/// Fills the maps for the endpoint on `ifindex`: its entry, FDB entry, addresses, flood
-/// membership and counters. Running it again with another config moves the endpoint.
+/// The endpoint's port entry for `config`: MAC, network, policy and its addresses inline.
+fn endpoint_port(ifindex: u32, config: &EndpointConfig) -> Result<FvPort, ForwardingError> {
+    if config
+        .policy
+        .is_some_and(|id| !(1..MAX_POLICIES).contains(&id))
+    {
+        return Err(ForwardingError::InvalidPolicyId(config.policy.unwrap_or(0)));
+    }
+    if config.mac[0] & 1 != 0 || config.mac == [0; 6] {
+        return Err(ForwardingError::BadMac(config.mac));
+    }
+    let mut port = FvPort {
+        mac: config.mac,
+        flags: PORT_ENDPOINT,
+        ifindex,
+        network: config.network,
+        policy: config.policy.unwrap_or(0),
+        ..FvPort::default()
+    };
+    if !config.addresses.is_empty() {
+        port.flags |= EP_CHECK_IP;
+    }
+    let mut addresses = config.addresses.clone();
+    addresses.sort_unstable();
+    addresses.dedup();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for address in addresses {
+        match address {
+            IpAddr::V4(a) => v4.push(a.octets()),
+            IpAddr::V6(a) => v6.push(a.octets()),
+        }
+    }
+    for (family, count) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+        if count > MAX_ADDRS {
+            return Err(ForwardingError::TooManyAddresses { family, count });
+        }
+    }
+    port.addr4[..v4.len()].copy_from_slice(&v4);
+    port.addr6[..v6.len()].copy_from_slice(&v6);
+    port.addr4_count = v4.len() as u8;
+    port.addr6_count = v6.len() as u8;
+    Ok(port)
+}
+
+/// Fills the maps for the endpoint on `ifindex`: its port (MAC, addresses, policy,
+/// counters) and its network's member and FDB entry. Running it again with another config
+/// moves the endpoint.
 pub(crate) fn configure_endpoint(
     maps: &mut Maps,
     ifindex: u32,
     config: &EndpointConfig,
 ) -> Result<(), ForwardingError> {
-    if config.policy == Some(0) {
-        return Err(ForwardingError::InvalidPolicyId);
-    }
-    if config.mac[0] & 1 != 0 || config.mac == [0; 6] {
-        return Err(ForwardingError::BadMac(config.mac));
-    }
+    let port = endpoint_port(ifindex, config)?;
     let mut net = network(maps, config.network)?;
-    let fdb_key = FvFdbKey {
-        network: config.network,
-        mac: config.mac,
-        pad: 0,
-    };
-    check_mac_free(maps, &fdb_key, ifindex)?;
-    if !net.add_member(ifindex) {
+    if let Some(owner) = net.lookup(&config.mac)
+        && owner.ifindex != ifindex
+    {
+        return Err(ForwardingError::MacInUse {
+            mac: config.mac,
+            network: config.network,
+            owner: owner.ifindex,
+        });
+    }
+    let joins = !net.members().any(|m| m.ifindex == ifindex);
+    if joins && net.members().count() >= MAX_MEMBERS {
         return Err(ForwardingError::NetworkFull(config.network));
     }
-    let old = lookup("fv_endpoints", &maps.endpoints, &ifindex)?;
-    let endpoint = FvEndpoint {
-        mac: config.mac,
-        flags: if config.addresses.is_empty() {
-            0
-        } else {
-            EP_CHECK_IP
-        },
-        network: config.network,
-        policy: config.policy.unwrap_or(0),
-    };
-    maps.create_counters(ifindex)?;
-    write_addresses(maps, ifindex, &config.addresses)?;
-    maps.endpoints
-        .insert(ifindex, endpoint, 0)
-        .map_err(update_error("fv_endpoints"))?;
-    maps.fdb
-        .insert(fdb_key, ifindex, 0)
-        .map_err(update_error("fv_fdb"))?;
-    write_network(maps, config.network, &net)?;
-    if let Some(old) = old {
-        forget_old_placement(maps, ifindex, &old, &endpoint)?;
-    }
-    Ok(())
-}
-
-/// Refuses a MAC another live endpoint of the network owns.
-fn check_mac_free(maps: &Maps, fdb_key: &FvFdbKey, ifindex: u32) -> Result<(), ForwardingError> {
-    match lookup("fv_fdb", &maps.fdb, fdb_key)? {
-        Some(owner)
-            if owner != ifindex && lookup("fv_endpoints", &maps.endpoints, &owner)?.is_some() =>
-        {
-            Err(ForwardingError::MacInUse {
-                mac: fdb_key.mac,
-                network: fdb_key.network,
-                owner,
-            })
-        }
-        _ => Ok(()),
-    }
-}
-
-/// After an endpoint was reconfigured: drops its FDB entry and membership where it was.
-fn forget_old_placement(
-    maps: &mut Maps,
-    ifindex: u32,
-    old: &FvEndpoint,
-    new: &FvEndpoint,
-) -> Result<(), MapsError> {
-    if old.network != new.network || old.mac != new.mac {
-        remove_fdb_entry(maps, ifindex, old)?;
-    }
-    if old.network != new.network {
+    let old = maps
+        .port_of(ifindex)?
+        .filter(|(_, old)| old.flags & PORT_ENDPOINT != 0);
+    let slot = maps.write_port(&port)?;
+    net.add_member(config.mac, ifindex, slot);
+    maps.write_network(config.network, &net)?;
+    if let Some((_, old)) = old
+        && old.network != config.network
+    {
         remove_member(maps, ifindex, old.network)?;
     }
     Ok(())
 }
 
-fn remove_fdb_entry(maps: &mut Maps, ifindex: u32, endpoint: &FvEndpoint) -> Result<(), MapsError> {
-    let key = FvFdbKey {
-        network: endpoint.network,
-        mac: endpoint.mac,
-        pad: 0,
-    };
-    if lookup("fv_fdb", &maps.fdb, &key)? == Some(ifindex) {
-        remove_result("fv_fdb", maps.fdb.remove(&key))?;
-    }
-    Ok(())
-}
-
 fn remove_member(maps: &mut Maps, ifindex: u32, network: NetworkId) -> Result<(), MapsError> {
-    if let Some(mut net) = lookup("fv_networks", &maps.networks, &network)? {
+    if let Some(mut net) = existing_network(maps, network)? {
         net.remove_member(ifindex);
-        write_network(maps, network, &net)?;
+        maps.write_network(network, &net)?;
     }
     Ok(())
 }
 
-/// Makes fv_addrs hold exactly `addresses` for `ifindex`: new ones first, then stale ones
-/// removed, so an address kept across a reconfiguration never disappears.
-fn write_addresses(maps: &mut Maps, ifindex: u32, addresses: &[IpAddr]) -> Result<(), MapsError> {
-    let wanted: Vec<FvAddrKey> = addresses
-        .iter()
-        .map(|&addr| FvAddrKey::new(ifindex, addr))
-        .collect();
-    for key in &wanted {
-        maps.addrs
-            .insert(key, 1, 0)
-            .map_err(update_error("fv_addrs"))?;
-    }
-    for key in maps::keys("fv_addrs", &maps.addrs)? {
-        if key.ifindex == ifindex && !wanted.contains(&key) {
-            remove_result("fv_addrs", maps.addrs.remove(&key))?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes every entry of the endpoint on `ifindex`: FDB, addresses, membership, counters
-/// and the endpoint itself. Nothing to remove is fine.
+/// Removes every entry of the endpoint on `ifindex`: its network membership (FDB and
+/// flooding), then its port and counters. Nothing to remove is fine.
 pub(crate) fn remove_endpoint(maps: &mut Maps, ifindex: u32) -> Result<(), MapsError> {
-    if let Some(endpoint) = lookup("fv_endpoints", &maps.endpoints, &ifindex)? {
-        remove_fdb_entry(maps, ifindex, &endpoint)?;
-        remove_member(maps, ifindex, endpoint.network)?;
+    let Some((_, port)) = maps.port_of(ifindex)? else {
+        return Ok(());
+    };
+    if port.flags & PORT_ENDPOINT == 0 {
+        return Ok(());
     }
-    write_addresses(maps, ifindex, &[])?;
-    remove_result("fv_endpoints", maps.endpoints.remove(&ifindex))?;
-    remove_result("fv_counters", maps.counters.remove(&ifindex))
+    remove_member(maps, ifindex, port.network)?;
+    maps.remove_port(ifindex)
 }
 
 /// The ifindexes of every endpoint and every uplink in the maps.
 pub(crate) fn attached_ifindexes(maps: &Maps) -> Result<(Vec<u32>, Vec<u32>), MapsError> {
-    let endpoints = maps::keys("fv_endpoints", &maps.endpoints)?;
-    let mut uplinks: Vec<u32> = maps::keys("fv_uplinks", &maps.uplinks)?
-        .iter()
-        .map(|key| key.ifindex)
-        .collect();
-    uplinks.sort_unstable();
-    uplinks.dedup();
-    Ok((endpoints, uplinks))
+    let ports = maps.ports_in_use()?;
+    let with = |flag: u16| -> Vec<u32> {
+        ports
+            .iter()
+            .filter(|p| p.flags & flag != 0)
+            .map(|p| p.ifindex)
+            .collect()
+    };
+    Ok((with(PORT_ENDPOINT), with(PORT_UPLINK)))
 }

@@ -62,11 +62,22 @@ pub(crate) struct Programs {
 /// Opens the maps and programs pinned under `pin_dir`, loading and pinning them first if
 /// no earlier process did. Serialised by the pin directory's lock, so two processes starting
 /// at once load the object once.
+/// A pin directory this call created is removed again when the load fails (the kernel
+/// refused a program after the maps were pinned), so a failed attempt leaves nothing.
 pub(crate) fn open_or_load(pin_dir: &PinDir) -> Result<(Maps, Programs), LoadError> {
+    let fresh = !pin_dir.root().exists();
     pin_dir.create()?;
-    let _lock = pin_dir.lock()?;
-    if !programs_pinned(pin_dir) {
-        load_and_pin(pin_dir)?;
+    let lock = pin_dir.lock()?;
+    if !programs_pinned(pin_dir)
+        && let Err(error) = load_and_pin(pin_dir)
+    {
+        if fresh {
+            drop(lock);
+            if let Err(remove) = pin_dir.remove_all() {
+                tracing::warn!(%remove, "cannot remove the pin directory of a failed load");
+            }
+        }
+        return Err(error);
     }
     let maps = Maps::open_pinned(pin_dir.root())?;
     let programs = open_pinned_programs(pin_dir)?;

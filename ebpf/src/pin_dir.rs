@@ -2,7 +2,7 @@
 //! CNI process and the long-lived agent share them, and the lock that orders their changes.
 //!
 //! ```text
-//! <pin_dir>/fv_endpoints ...           maps (LIBBPF_PIN_BY_NAME in datapath.c)
+//! <pin_dir>/fv_ports ...               maps (LIBBPF_PIN_BY_NAME in datapath.c)
 //! <pin_dir>/progs/<program>            the loaded programs
 //! <pin_dir>/links/<hook>:<ifindex>:<ifname>   TCX/XDP links we attached (for an
 //!                                             endpoint-filter: its program)

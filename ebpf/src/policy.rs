@@ -1,21 +1,17 @@
-//! Egress allow-list policies and their compilation into fv_policy's LPM trie entries.
+//! Egress allow-list policies and their compilation into fv_policies entries.
 //!
-//! The trie answers with the longest CIDR that holds a destination, and only that one, so
-//! each CIDR's entry carries its own rules plus those of every shorter CIDR that covers it.
-//! A policy with no rules has no entries: every lookup misses and everything is denied.
+//! A policy is a list of rules, each a destination CIDR, a protocol and a port range; a
+//! packet is allowed when some rule matches it. The program scans the rules of the packet's
+//! family (IPv4 rules come first in the entry, then IPv6 ones); with at most
+//! [`MAX_POLICY_RULES`] of them that is cheaper than a trie lookup, which is a function call.
+//! A policy with no rules denies everything.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
-use aya::maps::lpm_trie::Key;
+use crate::maps::{FvPolicy, FvRule, MAX_POLICIES, MAX_POLICY_RULES, Maps, MapsError};
 
-use crate::maps::{
-    FAMILY_IPV4, FvPolicyKeyData, FvRule, FvRules, MAX_RULES, Maps, MapsError,
-    POLICY_KEY_PREFIX_BITS, family_and_bytes, policy_keys, remove_result, update_error,
-};
-
-/// A policy id; 0 is invalid (it means "no policy" in the maps).
+/// A policy id, 1..=1023; 0 means "no policy" in the maps.
 pub type PolicyId = u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,8 +55,11 @@ pub struct PolicyRule {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("policy id 0 is reserved for \"no policy\"; use ids from 1")]
-    InvalidId,
+    #[error(
+        "policy id {0} is out of range; 0 is reserved for \"no policy\": use ids 1..={max}",
+        max = MAX_POLICIES - 1
+    )]
+    InvalidId(PolicyId),
     #[error(
         "prefix length {prefix_len} is too long for {addr}; IPv4 allows up to 32, IPv6 up to 128"
     )]
@@ -74,51 +73,9 @@ pub enum PolicyError {
     #[error("port range {start}..={end} is empty")]
     EmptyPortRange { start: u16, end: u16 },
     #[error(
-        "{addr}/{prefix_len} has {count} rules after merging the CIDRs that cover it; at most {MAX_RULES} fit: merge rules or use fewer overlapping CIDRs"
+        "the policy has {count} distinct rules; at most {MAX_POLICY_RULES} fit: merge rules (wider CIDRs or port ranges)"
     )]
-    TooManyRules {
-        addr: IpAddr,
-        prefix_len: u8,
-        count: usize,
-    },
-}
-
-/// One CIDR of a policy: family, masked address bytes, prefix length in address bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Cidr {
-    family: u32,
-    addr: [u8; 16],
-    prefix_len: u8,
-}
-
-impl Cidr {
-    fn new(addr: IpAddr, prefix_len: u8) -> Result<Cidr, PolicyError> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix_len > max {
-            return Err(PolicyError::BadPrefixLength { addr, prefix_len });
-        }
-        let (family, bytes) = family_and_bytes(addr);
-        Ok(Cidr {
-            family,
-            addr: mask(bytes, prefix_len),
-            prefix_len,
-        })
-    }
-
-    /// True if every address of `other` is in `self`.
-    fn covers(&self, other: &Cidr) -> bool {
-        self.family == other.family
-            && self.prefix_len <= other.prefix_len
-            && mask(other.addr, self.prefix_len) == self.addr
-    }
-
-    fn ip(&self) -> IpAddr {
-        if self.family == FAMILY_IPV4 {
-            IpAddr::from([self.addr[0], self.addr[1], self.addr[2], self.addr[3]])
-        } else {
-            IpAddr::from(self.addr)
-        }
-    }
+    TooManyRules { count: usize },
 }
 
 /// Keeps the first `prefix_len` bits of `bytes`.
@@ -131,7 +88,22 @@ fn mask(mut bytes: [u8; 16], prefix_len: u8) -> [u8; 16] {
     bytes
 }
 
+/// The compiled rule: masked CIDR and its mask, protocol number and port range.
 fn compile_rule(rule: &PolicyRule) -> Result<FvRule, PolicyError> {
+    let (bytes, max) = match rule.addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            (bytes, 32)
+        }
+        IpAddr::V6(v6) => (v6.octets(), 128),
+    };
+    if rule.prefix_len > max {
+        return Err(PolicyError::BadPrefixLength {
+            addr: rule.addr,
+            prefix_len: rule.prefix_len,
+        });
+    }
     let (port_min, port_max) = match &rule.ports {
         None => (0, u16::MAX),
         Some(_) if !rule.protocol.has_ports() => {
@@ -150,6 +122,8 @@ fn compile_rule(rule: &PolicyRule) -> Result<FvRule, PolicyError> {
         Some(ports) => (*ports.start(), *ports.end()),
     };
     Ok(FvRule {
+        addr: mask(bytes, rule.prefix_len),
+        mask: mask([0xff; 16], rule.prefix_len),
         proto: rule.protocol.number(),
         port_min,
         port_max,
@@ -157,92 +131,46 @@ fn compile_rule(rule: &PolicyRule) -> Result<FvRule, PolicyError> {
     })
 }
 
-/// The fv_policy entries of policy `id`: one per distinct CIDR, holding the rules of every
-/// CIDR that covers it (itself included), without duplicates.
-pub(crate) fn compile_policy(
-    id: PolicyId,
-    rules: &[PolicyRule],
-) -> Result<Vec<(Key<FvPolicyKeyData>, FvRules)>, PolicyError> {
-    if id == 0 {
-        return Err(PolicyError::InvalidId);
+/// The fv_policies entry of policy `id`: its distinct rules, IPv4 ones first.
+pub(crate) fn compile_policy(id: PolicyId, rules: &[PolicyRule]) -> Result<FvPolicy, PolicyError> {
+    if !(1..MAX_POLICIES).contains(&id) {
+        return Err(PolicyError::InvalidId(id));
     }
-    let mut by_cidr: BTreeMap<Cidr, Vec<FvRule>> = BTreeMap::new();
+    let mut ipv4 = Vec::new();
+    let mut ipv6 = Vec::new();
     for rule in rules {
-        let cidr = Cidr::new(rule.addr, rule.prefix_len)?;
         let compiled = compile_rule(rule)?;
-        let list = by_cidr.entry(cidr).or_default();
+        let list = if rule.addr.is_ipv4() {
+            &mut ipv4
+        } else {
+            &mut ipv6
+        };
         if !list.contains(&compiled) {
             list.push(compiled);
         }
     }
-    by_cidr
-        .keys()
-        .map(|cidr| {
-            let mut merged: Vec<FvRule> = Vec::new();
-            let covering = by_cidr.iter().filter(|(c, _)| c.covers(cidr));
-            for rules in covering.map(|(_, rules)| rules) {
-                for rule in rules {
-                    if !merged.contains(rule) {
-                        merged.push(*rule);
-                    }
-                }
-            }
-            policy_entry(id, cidr, &merged)
-        })
-        .collect()
-}
-
-fn policy_entry(
-    id: PolicyId,
-    cidr: &Cidr,
-    rules: &[FvRule],
-) -> Result<(Key<FvPolicyKeyData>, FvRules), PolicyError> {
-    if rules.len() > MAX_RULES {
-        return Err(PolicyError::TooManyRules {
-            addr: cidr.ip(),
-            prefix_len: cidr.prefix_len,
-            count: rules.len(),
-        });
+    let count = ipv4.len() + ipv6.len();
+    if count > MAX_POLICY_RULES {
+        return Err(PolicyError::TooManyRules { count });
     }
-    let mut value = FvRules {
-        count: rules.len() as u32,
-        ..FvRules::default()
+    let mut policy = FvPolicy {
+        ipv4_rules: ipv4.len() as u16,
+        ipv6_rules: ipv6.len() as u16,
+        ..FvPolicy::default()
     };
-    value.rules[..rules.len()].copy_from_slice(rules);
-    let key = Key::new(
-        POLICY_KEY_PREFIX_BITS + u32::from(cidr.prefix_len),
-        FvPolicyKeyData {
-            policy: id,
-            family: cidr.family,
-            addr: cidr.addr,
-        },
-    );
-    Ok((key, value))
+    for (slot, rule) in policy.rules.iter_mut().zip(ipv4.iter().chain(&ipv6)) {
+        *slot = *rule;
+    }
+    Ok(policy)
 }
 
-/// Replaces policy `id`'s entries in fv_policy with `entries`: the new ones are written
-/// first, then the stale ones removed, so a CIDR in both never loses its rules.
+/// Replaces policy `id`'s entry (one array update: a program sees the old rules or the new).
 pub(crate) fn write_policy(
     maps: &mut Maps,
     id: PolicyId,
-    entries: &[(Key<FvPolicyKeyData>, FvRules)],
+    policy: &FvPolicy,
 ) -> Result<(), MapsError> {
-    for (key, rules) in entries {
-        maps.policy
-            .insert(key, rules, 0)
-            .map_err(update_error("fv_policy"))?;
-    }
-    let wanted: Vec<(u32, FvPolicyKeyData)> = entries
-        .iter()
-        .map(|(key, _)| (key.prefix_len(), key.data()))
-        .collect();
-    for key in policy_keys(&maps.policy)? {
-        let data = key.data();
-        if data.policy == id && !wanted.contains(&(key.prefix_len(), data)) {
-            remove_result("fv_policy", maps.policy.remove(&key))?;
-        }
-    }
-    Ok(())
+    maps.write_policy(id, policy)
 }
 
 #[cfg(test)]
@@ -259,67 +187,33 @@ mod tests {
         }
     }
 
-    fn entries(rules: &[PolicyRule]) -> Vec<(u32, Vec<u8>, Vec<FvRule>)> {
-        compile_policy(7, rules)
-            .unwrap()
-            .into_iter()
-            .map(|(key, value)| {
-                let data = key.data();
-                assert_eq!(data.policy, 7);
-                let rules = value.rules[..value.count as usize].to_vec();
-                (key.prefix_len() - 64, data.addr.to_vec(), rules)
-            })
-            .collect()
+    #[test]
+    fn ipv4_rules_come_first_and_duplicates_merge() {
+        let policy = compile_policy(
+            7,
+            &[
+                rule("fd00::/8", Protocol::Tcp, Some(443..=443)),
+                rule("10.1.2.3/16", Protocol::Any, None),
+                rule("10.1.0.0/16", Protocol::Any, None),
+                rule("192.168.0.0/16", Protocol::Udp, Some(53..=53)),
+            ],
+        )
+        .unwrap();
+        assert_eq!((policy.ipv4_rules, policy.ipv6_rules), (2, 1));
+        let first = policy.rules[0];
+        assert_eq!(&first.addr[..4], &[10, 1, 0, 0], "host bits masked");
+        assert_eq!(&first.mask[..4], &[0xff, 0xff, 0, 0]);
+        assert_eq!((first.port_min, first.port_max), (0, u16::MAX));
+        assert_eq!(policy.rules[1].proto, libc::IPPROTO_UDP as u8);
+        assert_eq!(policy.rules[2].addr[0], 0xfd);
+        assert_eq!(&policy.rules[2].mask[..2], &[0xff, 0]);
+        assert_eq!(policy.rules[3], FvRule::default(), "the rest stays zero");
     }
 
     #[test]
-    fn a_longer_cidr_inherits_the_rules_of_the_cidrs_covering_it() {
-        let compiled = entries(&[
-            rule("10.0.0.0/8", Protocol::Tcp, Some(80..=80)),
-            rule("10.1.0.0/16", Protocol::Udp, Some(53..=53)),
-            rule("192.168.0.0/16", Protocol::Icmp, None),
-        ]);
-        assert_eq!(compiled.len(), 3);
-        let slash16 = compiled.iter().find(|(len, _, _)| *len == 16).unwrap();
-        assert_eq!(&slash16.1[..2], &[10, 1]);
-        assert_eq!(slash16.2.len(), 2, "its own UDP rule and the /8's TCP rule");
-        let slash8 = compiled.iter().find(|(len, _, _)| *len == 8).unwrap();
-        assert_eq!(
-            slash8.2.len(),
-            1,
-            "a covering CIDR does not get the longer one's rules"
-        );
-        let other = compiled.iter().find(|(_, addr, _)| addr[0] == 192).unwrap();
-        assert_eq!(other.2.len(), 1, "a disjoint CIDR keeps only its own");
-    }
-
-    #[test]
-    fn host_bits_are_masked_and_duplicates_merge() {
-        let compiled = entries(&[
-            rule("10.1.2.3/16", Protocol::Any, None),
-            rule("10.1.0.0/16", Protocol::Any, None),
-        ]);
-        assert_eq!(compiled.len(), 1);
-        assert_eq!(&compiled[0].1[..4], &[10, 1, 0, 0]);
-        assert_eq!(compiled[0].2.len(), 1);
-        assert_eq!(
-            (compiled[0].2[0].port_min, compiled[0].2[0].port_max),
-            (0, u16::MAX)
-        );
-    }
-
-    #[test]
-    fn ipv4_cidrs_do_not_cover_ipv6_ones() {
-        let compiled = entries(&[
-            rule("0.0.0.0/0", Protocol::Any, None),
-            rule("fd00::/8", Protocol::Tcp, Some(443..=443)),
-        ]);
-        assert!(compiled.iter().all(|(_, _, rules)| rules.len() == 1));
-    }
-
-    #[test]
-    fn empty_policy_compiles_to_nothing_which_denies_all() {
-        assert!(compile_policy(1, &[]).unwrap().is_empty());
+    fn empty_policy_has_no_rules_which_denies_all() {
+        let policy = compile_policy(1, &[]).unwrap();
+        assert_eq!((policy.ipv4_rules, policy.ipv6_rules), (0, 0));
     }
 
     #[test]
@@ -340,16 +234,18 @@ mod tests {
             compile_policy(1, &[empty]),
             Err(PolicyError::EmptyPortRange { .. })
         ));
-        assert!(matches!(
-            compile_policy(0, &[]),
-            Err(PolicyError::InvalidId)
-        ));
-        let many: Vec<_> = (1..=17)
+        for id in [0, MAX_POLICIES] {
+            assert!(matches!(
+                compile_policy(id, &[]),
+                Err(PolicyError::InvalidId(_))
+            ));
+        }
+        let many: Vec<_> = (1..=MAX_POLICY_RULES as u16 + 1)
             .map(|port| rule("10.0.0.0/8", Protocol::Tcp, Some(port..=port)))
             .collect();
         assert!(matches!(
             compile_policy(1, &many),
-            Err(PolicyError::TooManyRules { count: 17, .. })
+            Err(PolicyError::TooManyRules { count: 65 })
         ));
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use common::{TestDatapath, unique_config};
 use ferrovirt_ebpf::maps::FvNetwork;
 use ferrovirt_ebpf::{Datapath, EndpointConfig, NetworkConfig};
@@ -66,8 +66,7 @@ fn concurrent_handles_lose_no_flood_member() {
         }
     });
     let data = MapData::from_pin(dp.config().pin_dir.join("fv_networks")).unwrap();
-    let networks: HashMap<_, u32, FvNetwork> =
-        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    let members = networks.get(&NET, 0).unwrap().members().len();
+    let networks: Array<_, FvNetwork> = Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let members = networks.get(&NET, 0).unwrap().members().count();
     assert_eq!(members, usize::from(HANDLES * ENDPOINTS_PER_HANDLE));
 }

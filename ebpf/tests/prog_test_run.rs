@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::TestDatapath;
 use ferrovirt_ebpf::{
-    Counters, EndpointConfig, NetworkConfig, NetworkId, PolicyRule, Program, Protocol,
-    TestRunInput, TestRunOutput,
+    Counters, DatapathError, EndpointConfig, ForwardingError, NetworkConfig, NetworkId,
+    PolicyError, PolicyRule, Program, Protocol, TestRunInput, TestRunOutput,
 };
 use ferrovirt_tests::frames::*;
 use ferrovirt_tests::names::{CleanupGuard, ip, unique_name};
@@ -444,8 +444,8 @@ fn policy_denies_another_port_protocol_or_cidr() {
 }
 
 #[test]
-fn policy_merges_the_rules_of_covering_cidrs_into_longer_ones() {
-    // 10.1.2.3 matches the /16 only (longest prefix); TCP 80 is allowed by the /8.
+fn a_packet_is_allowed_by_any_rule_whose_cidr_holds_it() {
+    // 10.1.2.3 is in the /16 and in the /8: TCP 80 is allowed by the /8's rule.
     let dp = switch_with_policy(&[
         allow("10.0.0.0/8", Protocol::Tcp, Some(80..=80)),
         allow("10.1.0.0/16", Protocol::Udp, Some(53..=53)),
@@ -475,6 +475,24 @@ fn policy_applies_to_ipv6_destinations() {
     assert_eq!(from_endpoint(&dp, EP_A, &https).verdict, TC_ACT_REDIRECT);
     let ssh = ipv6_frame(MAC_A, MAC_PEER, IP6_A, IP6_PEER, tcp_to(22));
     assert_eq!(from_endpoint(&dp, EP_A, &ssh).verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn ipv4_rules_do_not_match_ipv6_packets_and_ipv6_rules_not_ipv4_ones() {
+    let dp = switch_with_policy(&[
+        allow("0.0.0.0/0", Protocol::Tcp, Some(443..=443)),
+        allow("fd00::/64", Protocol::Udp, Some(53..=53)),
+    ]);
+    let v4_https = a_tcp_to(IP_PEER, 443);
+    let v6_dns = ipv6_frame(MAC_A, MAC_PEER, IP6_A, IP6_PEER, udp_to(53));
+    assert_eq!(from_endpoint(&dp, EP_A, &v4_https).verdict, TC_ACT_REDIRECT);
+    assert_eq!(from_endpoint(&dp, EP_A, &v6_dns).verdict, TC_ACT_REDIRECT);
+    let v6_https = ipv6_frame(MAC_A, MAC_PEER, IP6_A, IP6_PEER, tcp_to(443));
+    let v4_dns = ipv4_frame(MAC_A, MAC_PEER, IP_A, IP_PEER, udp_to(53));
+    for frame in [&v6_https, &v4_dns] {
+        assert_eq!(from_endpoint(&dp, EP_A, frame).verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(counters(&dp, EP_A).drop_policy, 2);
 }
 
 #[test]
@@ -544,6 +562,81 @@ fn unicast_to_a_local_endpoint_is_redirected_to_it() {
         0,
         "not sent to the uplink"
     );
+}
+
+#[test]
+fn ids_and_address_lists_beyond_the_maps_are_refused_with_the_limit() {
+    let dp = switch();
+    let err = dp.add_network(1024, &NetworkConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("1..=1023"), "{err}");
+    let err = dp.set_policy(1024, &[]).unwrap_err();
+    assert!(
+        matches!(err, DatapathError::Policy(PolicyError::InvalidId(1024))),
+        "{err}"
+    );
+    let err = dp
+        .configure_endpoint_maps(EP_A, &endpoint_a(Some(5000)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatapathError::Forwarding(ForwardingError::InvalidPolicyId(5000))
+        ),
+        "{err}"
+    );
+    let five: Vec<IpAddr> = (1..=5).map(|i| Ipv4Addr::new(10, 0, 0, i).into()).collect();
+    let err = dp
+        .configure_endpoint_maps(EP_A, &endpoint(NET, MAC_A, &five))
+        .unwrap_err();
+    assert!(err.to_string().contains("5 IPv4 addresses"), "{err}");
+    // A refused change leaves the endpoint as it was.
+    let frame = a_tcp_to(IP_PEER, 80);
+    assert_sends_to_uplink(&dp, EP_A, &frame);
+}
+
+#[test]
+fn every_endpoint_of_a_full_network_gets_its_unicast_even_with_colliding_macs() {
+    let dp = switch();
+    // A and B are members already; 62 more fill the network. Their MACs differ in the
+    // last two bytes only, so many start their FDB probe in the same bucket.
+    let others: Vec<(u32, Mac)> = (0..62u8)
+        .map(|i| (910_000 + u32::from(i), [0x02, 0, 0, 0, i % 3, i]))
+        .collect();
+    for &(ifindex, mac) in &others {
+        dp.configure_endpoint_maps(ifindex, &endpoint(NET, mac, &[]))
+            .unwrap();
+    }
+    let full = dp.configure_endpoint_maps(999_999, &endpoint(NET, [0x02, 9, 9, 9, 9, 9], &[]));
+    assert!(
+        matches!(
+            full,
+            Err(DatapathError::Forwarding(ForwardingError::NetworkFull(NET)))
+        ),
+        "{full:?}"
+    );
+    for &(ifindex, mac) in &others {
+        let frame = ipv4_frame(MAC_A, mac, IP_A, IP_PEER, udp_to(9));
+        assert_eq!(from_endpoint(&dp, EP_A, &frame).verdict, TC_ACT_REDIRECT);
+        assert_eq!(counters(&dp, ifindex).rx_packets, 1, "{mac:02x?}");
+    }
+    assert_eq!(
+        counters(&dp, UPLINK).rx_packets,
+        0,
+        "none went to the uplink"
+    );
+    // One moves to another network: its MAC is unknown unicast here now (to the uplink),
+    // and the FDB rebuilt without it still finds every other member.
+    let (moved, moved_mac) = others[0];
+    dp.configure_endpoint_maps(moved, &endpoint(NO_UPLINK_NET, moved_mac, &[]))
+        .unwrap();
+    let frame = ipv4_frame(MAC_A, moved_mac, IP_A, IP_PEER, udp_to(9));
+    assert_sends_to_uplink(&dp, EP_A, &frame);
+    for &(ifindex, mac) in &others[1..] {
+        let frame = ipv4_frame(MAC_A, mac, IP_A, IP_PEER, udp_to(9));
+        assert_eq!(from_endpoint(&dp, EP_A, &frame).verdict, TC_ACT_REDIRECT);
+        assert_eq!(counters(&dp, ifindex).rx_packets, 2, "{mac:02x?}");
+    }
+    assert_eq!(counters(&dp, moved).rx_packets, 1);
 }
 
 #[test]
@@ -808,22 +901,19 @@ fn broadcast_from_the_uplink_is_cloned_to_every_member_and_passed_to_the_host() 
 #[test]
 fn rust_mirrors_match_the_key_and_value_sizes_of_the_loaded_maps() {
     use aya::maps::MapInfo;
-    use aya::maps::lpm_trie::Key;
     use ferrovirt_ebpf::maps::*;
 
     let dp = TestDatapath::load();
+    let u32_size = size_of::<u32>();
     let expected = [
-        ("fv_endpoints", size_of::<u32>(), size_of::<FvEndpoint>()),
-        ("fv_networks", size_of::<u32>(), size_of::<FvNetwork>()),
-        ("fv_fdb", size_of::<FvFdbKey>(), size_of::<u32>()),
-        ("fv_uplinks", size_of::<FvUplinkKey>(), size_of::<u32>()),
-        ("fv_addrs", size_of::<FvAddrKey>(), size_of::<u8>()),
-        (
-            "fv_policy",
-            size_of::<Key<FvPolicyKeyData>>(),
-            size_of::<FvRules>(),
-        ),
-        ("fv_counters", size_of::<u32>(), size_of::<Counters>()),
+        ("fv_port_slots", u32_size, u32_size),
+        ("fv_port_slots_high", u32_size, u32_size),
+        ("fv_ports", u32_size, size_of::<FvPort>()),
+        ("fv_port_alloc", u32_size, size_of::<FvPortAlloc>()),
+        ("fv_networks", u32_size, size_of::<FvNetwork>()),
+        ("fv_policies", u32_size, size_of::<FvPolicy>()),
+        ("fv_uplinks", size_of::<FvUplinkKey>(), u32_size),
+        ("fv_counters", u32_size, size_of::<Counters>()),
     ];
     for (name, key_size, value_size) in expected {
         // The kernel took these sizes from the object's BTF (__type(key/value, ...)).

@@ -28,6 +28,7 @@ const TC_ACT_SHOT: i32 = 2;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// The kernel's TEST_XDP_MAX_BATCH (net/bpf/test_run.c).
 pub const MAX_BATCH: u32 = 256;
+const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum XdpLiveFramesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("BPF_PROG_TEST_RUN of a returning program failed; are we root with BPF enabled?")]
+    Run(#[source] std::io::Error),
     #[error("cannot attach the TCX ingress sink to ifindex {ifindex}; TCX needs Linux >= 6.6")]
     Attach {
         ifindex: u32,
@@ -93,6 +96,30 @@ struct TestRunAttr {
     cpu: u32,
     batch_size: u32,
     _pad: u32,
+}
+
+impl TestRunAttr {
+    /// A run of program `fd` on `frame`, `repeat` times, without context or flags.
+    fn new(fd: &OwnedFd, frame: &[u8], repeat: u32) -> TestRunAttr {
+        TestRunAttr {
+            prog_fd: fd.as_raw_fd() as u32,
+            retval: 0,
+            data_size_in: frame.len() as u32,
+            data_size_out: 0,
+            data_in: frame.as_ptr() as u64,
+            data_out: 0,
+            repeat,
+            duration: 0,
+            ctx_size_in: 0,
+            ctx_size_out: 0,
+            ctx_in: 0,
+            ctx_out: 0,
+            flags: 0,
+            cpu: 0,
+            batch_size: 0,
+            _pad: 0,
+        }
+    }
 }
 
 /// struct xdp_md: the context handed in; data and data_end are offsets into the frame.
@@ -188,25 +215,44 @@ impl XdpTxProgram {
             egress_ifindex: 0,
         };
         let mut attr = TestRunAttr {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            retval: 0,
-            data_size_in: frame.len() as u32,
-            data_size_out: 0,
-            data_in: frame.as_ptr() as u64,
-            data_out: 0,
-            repeat,
-            duration: 0,
             ctx_size_in: size_of::<XdpMd>() as u32,
-            ctx_size_out: 0,
             ctx_in: &ctx as *const XdpMd as u64,
-            ctx_out: 0,
             flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-            cpu: 0,
             batch_size: batch.clamp(1, MAX_BATCH),
-            _pad: 0,
+            ..TestRunAttr::new(&self.fd, frame, repeat)
         };
         bpf(BPF_PROG_TEST_RUN, &mut attr)
             .map_err(|source| XdpLiveFramesError::TestRun { ifindex, source })?;
+        Ok(attr.duration)
+    }
+}
+
+/// A program that only returns its verdict: run with BPF_PROG_TEST_RUN, it times the
+/// harness itself (the loop, the context, the clock), the floor under any program's cost.
+#[derive(Debug)]
+pub struct ReturningProgram {
+    fd: OwnedFd,
+}
+
+impl ReturningProgram {
+    /// A TC (sched_cls) program returning TC_ACT_OK.
+    pub fn tc() -> Result<ReturningProgram, XdpLiveFramesError> {
+        let fd = load_returning(BPF_PROG_TYPE_SCHED_CLS, 0, "fv_tc_floor")
+            .map_err(XdpLiveFramesError::Load)?;
+        Ok(ReturningProgram { fd })
+    }
+
+    /// An XDP program returning XDP_PASS.
+    pub fn xdp() -> Result<ReturningProgram, XdpLiveFramesError> {
+        let fd = load_returning(BPF_PROG_TYPE_XDP, XDP_PASS, "fv_xdp_floor")
+            .map_err(XdpLiveFramesError::Load)?;
+        Ok(ReturningProgram { fd })
+    }
+
+    /// Runs the program `repeat` times on `frame`; the kernel's average ns per run.
+    pub fn run(&self, frame: &[u8], repeat: u32) -> Result<u32, XdpLiveFramesError> {
+        let mut attr = TestRunAttr::new(&self.fd, frame, repeat);
+        bpf(BPF_PROG_TEST_RUN, &mut attr).map_err(XdpLiveFramesError::Run)?;
         Ok(attr.duration)
     }
 }

@@ -29,7 +29,7 @@ use ferrovirt_ebpf::{
 use ferrovirt_tests::frames;
 use ferrovirt_tests::iperf3::{self, Iperf3Server};
 use ferrovirt_tests::netns_topology::{NS_IFNAME, NetnsTopology, ProcNetDev, TopologySpec};
-use ferrovirt_tests::xdp_live_frames;
+use ferrovirt_tests::xdp_live_frames::{self, ReturningProgram};
 use ferrovirt_tests::{BpfPinDir, NetNs, PacketSocket};
 
 use super::{RunConfig, Suite};
@@ -58,9 +58,7 @@ const FRAME_LEN: usize = 64;
 /// UDP "discard": nothing listens, so the receiver drops the datagram after IP input.
 const DISCARD_PORT: u16 = 9;
 
-const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
-const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
 fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
@@ -76,13 +74,11 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         );
         for round in 0..config.rounds {
             for side in round_order(round) {
-                let run = match side {
-                    Side::Ferrovirt => &case.path,
-                    Side::Peer => &case.floor,
-                };
-                let took = programs
-                    .run(run)
-                    .with_context(|| format!("program case {}", case.name))?;
+                let took = match side {
+                    Side::Ferrovirt => programs.run(&case.path),
+                    Side::Peer => programs.floor(&case.floor),
+                }
+                .with_context(|| format!("program case {}", case.name))?;
                 ns.push(side, took);
             }
         }
@@ -150,10 +146,10 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         rounds: config.rounds,
         rows,
         goals: vec![
-            Goal::at_most(
+            Goal::above_peer_at_most(
                 "prog_policy_to_vm_ns",
                 50.0,
-                "≤ 50 ns per packet with anti-spoof + policy",
+                "≤ 50 ns per packet with anti-spoof + policy (the program's time above the harness floor)",
             ),
             Goal::ratio_at_least(
                 "udp_64b_pps",
@@ -183,12 +179,15 @@ fn notes() -> Vec<String> {
              allowed_to_uplink: VM A's IPv4/UDP to an unknown MAC (MAC and IP anti-spoof, \
              redirect to the uplink); redirect_to_vm: A to VM B's MAC (anti-spoof, FDB hit, redirect); \
              policy_to_vm: VM C, whose policy has 8 rules over 5 CIDRs, to B's UDP port 5201, \
-             allowed by a rule of the longest prefix; uplink_to_vm: a frame from the uplink to \
-             A (TC: uplink lookup, FDB, redirect); xdp_uplink_to_vm: the same in XDP."
+             allowed by the last rule (every rule scanned); uplink_to_vm: a frame from the uplink to \
+             A (TC: uplink lookup, FDB, redirect); xdp_uplink_to_vm: the same in XDP. \
+             The ifindexes are below 65536, where a port's slot is an array entry (larger ones \
+             take a hash lookup)."
         ),
-        "prog floor (the peer column of prog_*): fv_from_uplink on an interface that is no \
-         uplink (one hash lookup, TC_ACT_OK) for the TC rows; fv_xdp_from_uplink on a \
-         broadcast frame (XDP_PASS before any lookup) for the XDP row."
+        "prog floor (the peer column of prog_*): a two-instruction program of the same hook \
+         that returns at once (TC_ACT_OK, XDP_PASS), run the same way on the case's frame: \
+         BPF_PROG_TEST_RUN's own loop, context and clock. The per-packet goal judges the \
+         program's time above it (ferrovirt − peer)."
             .into(),
         format!(
             "udp_64b_pps: two endpoints, each a veth whose far end sits in its own namespace \
@@ -466,7 +465,14 @@ struct ProgramRun {
 struct ProgramCase {
     name: &'static str,
     path: ProgramRun,
-    floor: ProgramRun,
+    floor: Floor,
+}
+
+/// The harness floor of a case: a program of the same hook that returns at once, on the
+/// case's frame.
+enum Floor {
+    Tc(Vec<u8>),
+    Xdp(Vec<u8>),
 }
 
 /// Made-up ifindexes for BPF_PROG_TEST_RUN: TC programs take any; XDP needs a real device
@@ -475,13 +481,14 @@ const UPLINK: u32 = 1;
 const VM_A: u32 = 101;
 const VM_B: u32 = 102;
 const VM_C: u32 = 103;
-const NOT_AN_UPLINK: u32 = 999;
 const POLICY: u32 = 1;
 
 /// The datapath loaded into a pin directory of its own with maps filled for the program
 /// cases (nothing attached).
 struct ProgramBench {
     datapath: Option<Datapath>,
+    tc_floor: ReturningProgram,
+    xdp_floor: ReturningProgram,
     _pins: BpfPinDir,
 }
 
@@ -494,6 +501,8 @@ impl ProgramBench {
         .context("load the datapath (root, bpffs, BTF)")?;
         let bench = ProgramBench {
             datapath: Some(datapath),
+            tc_floor: ReturningProgram::tc()?,
+            xdp_floor: ReturningProgram::xdp()?,
             _pins: pins,
         };
         let dp = bench.datapath();
@@ -555,12 +564,7 @@ impl ProgramBench {
         };
         let unknown_mac = [0x02, 0xee, 0, 0, 0, 9];
         let from_uplink = udp(2, vm_mac(0), 0, DISCARD_PORT);
-        let tc_floor = || ProgramRun {
-            program: Program::FromUplink,
-            frame: from_uplink.clone(),
-            ingress_ifindex: NOT_AN_UPLINK,
-            verdict: TC_ACT_OK,
-        };
+        let tc_floor = || Floor::Tc(from_uplink.clone());
         vec![
             ProgramCase {
                 name: "allowed_to_uplink",
@@ -610,14 +614,18 @@ impl ProgramBench {
                     ingress_ifindex: UPLINK,
                     verdict: XDP_REDIRECT,
                 },
-                floor: ProgramRun {
-                    program: Program::XdpFromUplink,
-                    frame: frames::arp_request(vm_mac(2), vm_ip(2), vm_ip(0)),
-                    ingress_ifindex: UPLINK,
-                    verdict: XDP_PASS,
-                },
+                floor: Floor::Xdp(from_uplink.clone()),
             },
         ]
+    }
+
+    /// The average ns per run of the floor program.
+    fn floor(&self, floor: &Floor) -> anyhow::Result<f64> {
+        let ns = match floor {
+            Floor::Tc(frame) => self.tc_floor.run(frame, PROG_REPEAT)?,
+            Floor::Xdp(frame) => self.xdp_floor.run(frame, PROG_REPEAT)?,
+        };
+        Ok(f64::from(ns))
     }
 
     /// The average ns per run, after checking that every run took the path: the verdict
