@@ -355,6 +355,15 @@ static __always_inline const struct fv_member *fdb_lookup(const struct fv_networ
 	return &net->members[(entry - 1) & (FV_MAX_MEMBERS - 1)];
 }
 
+/* Hands a unicast frame to a local endpoint: a veth's peer directly (its ingress, in its
+ * own namespace), anything else through its transmit path. */
+static __always_inline int redirect_to(const struct fv_member *m)
+{
+	if (m->flags & FV_MEMBER_PEER)
+		return bpf_redirect_peer(m->ifindex, 0);
+	return bpf_redirect(m->ifindex, 0);
+}
+
 static __always_inline int to_uplink(struct __sk_buff *skb, const struct fv_network *net)
 {
 	__u32 len;
@@ -557,7 +566,7 @@ int fv_from_endpoint(struct __sk_buff *skb)
 
 	if (dst) {
 		count_rx(dst->slot, skb->len);
-		return bpf_redirect(dst->ifindex, 0);
+		return redirect_to(dst);
 	}
 	if (net->uplink)
 		return to_uplink(skb, net);
@@ -634,7 +643,7 @@ int fv_from_uplink(struct __sk_buff *skb)
 
 	if (dst) {
 		count_rx(dst->slot, skb->len);
-		return bpf_redirect(dst->ifindex, 0);
+		return redirect_to(dst);
 	}
 
 	flood_members(skb, net, 0);

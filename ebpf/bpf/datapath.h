@@ -54,10 +54,13 @@ struct fv_port {
 	__u32 addr6[FV_MAX_ADDRS][4]; /* wire order */
 };
 
+/* fv_member.flags */
+#define FV_MEMBER_PEER (1 << 0) /* a veth whose peer is in another netns: bpf_redirect_peer */
+
 /* One endpoint of a network: FDB entry and flood target. ifindex 0: a free entry. */
 struct fv_member {
 	__u8 mac[6];
-	__u16 pad;
+	__u16 flags; /* FV_MEMBER_* */
 	__u32 ifindex;
 	__u32 slot;
 };

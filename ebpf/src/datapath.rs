@@ -7,6 +7,7 @@ use crate::attach::{self, AttachError, attach_tc_program, attach_xdp_program, if
 use crate::forwarding::{self, EndpointConfig, ForwardingError, NetworkConfig, NetworkId};
 use crate::loader::{self, FROM_ENDPOINT, FROM_UPLINK, LoadError, Programs};
 use crate::maps::{Counters, Maps, MapsError};
+use crate::peer;
 use crate::pin_dir::{Hook, PinDir, PinDirError, PinDirLock};
 use crate::policy::{self, PolicyError, PolicyId, PolicyRule};
 use crate::testrun::{self, Program, TestRunError, TestRunInput, TestRunOutput};
@@ -213,8 +214,9 @@ impl Datapath {
         config: &EndpointConfig,
     ) -> Result<(u32, MutexGuard<'_, State>, PinDirLock), DatapathError> {
         let ifindex = ifindex_of(ifname)?;
+        let peer = peer::peer_in_other_netns(ifname);
         let (mut state, lock) = self.change()?;
-        forwarding::configure_endpoint(&mut state.maps, ifindex, config)?;
+        forwarding::configure_endpoint(&mut state.maps, ifindex, config, peer)?;
         Ok((ifindex, state, lock))
     }
 
@@ -336,7 +338,7 @@ impl Datapath {
         config: &EndpointConfig,
     ) -> Result<(), DatapathError> {
         let (mut state, _lock) = self.change()?;
-        forwarding::configure_endpoint(&mut state.maps, ifindex, config)?;
+        forwarding::configure_endpoint(&mut state.maps, ifindex, config, false)?;
         Ok(())
     }
 

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 
 use crate::maps::{
     self, EP_CHECK_IP, FvNetwork, FvPort, FvUplinkKey, MAX_ADDRS, MAX_MEMBERS, MAX_NETWORKS,
-    MAX_POLICIES, Maps, MapsError, NET_PRESENT, PORT_ENDPOINT, PORT_UPLINK, lookup, remove_result,
-    update_error,
+    MAX_POLICIES, MEMBER_PEER, Maps, MapsError, NET_PRESENT, PORT_ENDPOINT, PORT_UPLINK, lookup,
+    remove_result, update_error,
 };
 use crate::policy::PolicyId;
 
@@ -330,12 +330,14 @@ fn endpoint_port(ifindex: u32, config: &EndpointConfig) -> Result<FvPort, Forwar
 }
 
 /// Fills the maps for the endpoint on `ifindex`: its port (MAC, addresses, policy,
-/// counters) and its network's member and FDB entry. Running it again with another config
-/// moves the endpoint.
+/// counters) and its network's member and FDB entry (`peer`: a veth whose peer is in another
+/// namespace, which frames reach by bpf_redirect_peer). Running it again with another
+/// config moves the endpoint.
 pub(crate) fn configure_endpoint(
     maps: &mut Maps,
     ifindex: u32,
     config: &EndpointConfig,
+    peer: bool,
 ) -> Result<(), ForwardingError> {
     let port = endpoint_port(ifindex, config)?;
     let mut net = network(maps, config.network)?;
@@ -356,7 +358,8 @@ pub(crate) fn configure_endpoint(
         .port_of(ifindex)?
         .filter(|(_, old)| old.flags & PORT_ENDPOINT != 0);
     let slot = maps.write_port(&port)?;
-    net.add_member(config.mac, ifindex, slot);
+    let flags = if peer { MEMBER_PEER } else { 0 };
+    net.add_member(config.mac, ifindex, slot, flags);
     maps.write_network(config.network, &net)?;
     if let Some((_, old)) = old
         && old.network != config.network

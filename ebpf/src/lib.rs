@@ -9,6 +9,7 @@ mod datapath;
 mod forwarding;
 mod loader;
 pub mod maps;
+mod peer;
 mod pin_dir;
 mod policy;
 mod testrun;

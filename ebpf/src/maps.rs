@@ -69,12 +69,16 @@ impl FvPort {
     }
 }
 
+/// FV_MEMBER_PEER: the member is a veth whose peer is in another namespace.
+pub(crate) const MEMBER_PEER: u16 = 1 << 0;
+
 /// `struct fv_member`: one endpoint of a network, FDB entry and flood target.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FvMember {
     pub mac: [u8; 6],
-    pub pad: u16,
+    /// FV_MEMBER_*.
+    pub flags: u16,
     /// 0: a free entry.
     pub ifindex: u32,
     pub slot: u32,
@@ -141,8 +145,9 @@ impl FvNetwork {
         None
     }
 
-    /// Makes `ifindex` a member with `mac` and `slot`; false when the network is full.
-    pub fn add_member(&mut self, mac: [u8; 6], ifindex: u32, slot: u32) -> bool {
+    /// Makes `ifindex` a member with `mac`, `slot` and `flags` (FV_MEMBER_*); false when
+    /// the network is full.
+    pub fn add_member(&mut self, mac: [u8; 6], ifindex: u32, slot: u32, flags: u16) -> bool {
         let count = usize::from(self.member_count);
         let entry = self.members[..count]
             .iter()
@@ -158,7 +163,7 @@ impl FvNetwork {
         };
         self.members[index] = FvMember {
             mac,
-            pad: 0,
+            flags,
             ifindex,
             slot,
         };
@@ -647,15 +652,15 @@ mod tests {
     fn a_freed_member_entry_stays_put_and_is_reused() {
         let mut net = FvNetwork::default();
         for i in 1..=3 {
-            assert!(net.add_member(mac(i), 10 + u32::from(i), u32::from(i)));
+            assert!(net.add_member(mac(i), 10 + u32::from(i), u32::from(i), 0));
         }
-        assert!(net.add_member(mac(2), 12, 2), "adding twice is a no-op");
+        assert!(net.add_member(mac(2), 12, 2, 0), "adding twice is a no-op");
         assert_eq!(net.member_count, 3);
         net.remove_member(11);
         let ifindexes: Vec<u32> = net.members().map(|m| m.ifindex).collect();
         assert_eq!(ifindexes, [12, 13], "the others kept their entries");
         assert_eq!(net.members[0], FvMember::default());
-        assert!(net.add_member(mac(4), 14, 4));
+        assert!(net.add_member(mac(4), 14, 4, 0));
         assert_eq!(net.members[0].ifindex, 14, "the free entry is reused");
         net.remove_member(13);
         assert_eq!(net.member_count, 2, "trailing free entries are dropped");
@@ -668,9 +673,9 @@ mod tests {
         let mut net = FvNetwork::default();
         // Same low bytes but one: many land in neighbouring buckets or the same one.
         for i in 0..MAX_MEMBERS as u8 {
-            assert!(net.add_member([0x02, 0xaa, 0, 0, i / 4, i % 4], 100 + u32::from(i), 1));
+            assert!(net.add_member([0x02, 0xaa, 0, 0, i / 4, i % 4], 100 + u32::from(i), 1, 0));
         }
-        assert!(!net.add_member(mac(0xee), 999, 1), "full");
+        assert!(!net.add_member(mac(0xee), 999, 1, 0), "full");
         for i in 0..MAX_MEMBERS as u8 {
             let found = net
                 .lookup(&[0x02, 0xaa, 0, 0, i / 4, i % 4])

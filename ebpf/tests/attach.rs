@@ -17,7 +17,7 @@ use ferrovirt_ebpf::{
     AttachError, Datapath, DatapathError, EndpointConfig, ForwardingError, NetworkConfig,
     UplinkMode,
 };
-use ferrovirt_tests::names::{CleanupGuard, Tap, ip, unique_name};
+use ferrovirt_tests::names::{CleanupGuard, Link, NetNs, Tap, ip, unique_name};
 
 const NET: u32 = 1;
 const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
@@ -426,6 +426,40 @@ fn a_network_with_endpoints_cannot_be_removed() {
         ),
         "{err}"
     );
+}
+
+/// The flags of `ifindex`'s member entry on NET.
+fn member_flags(dp: &TestDatapath, ifindex: u32) -> u16 {
+    let networks: Array<_, FvNetwork> = pinned_array(dp, "fv_networks");
+    let net = networks.get(&NET, 0).expect("network");
+    let member = net.members().find(|m| m.ifindex == ifindex);
+    member.expect("a member").flags
+}
+
+#[test]
+fn only_a_veth_whose_peer_is_in_another_namespace_is_reached_through_its_peer() {
+    const MEMBER_PEER: u16 = 1;
+    let dp = switch();
+    let ns = NetNs::create("fvpr").unwrap();
+    let (into_ns, peer) = Link::veth("fvpr").unwrap();
+    ip(&["link", "set", &peer, "netns", ns.name()]).unwrap();
+    let (both_here, _peer_here) = Link::veth("fvpr").unwrap();
+    let tap = Tap::create("fvpr", false).unwrap();
+    let cases = [
+        (into_ns.name(), MEMBER_PEER),
+        (both_here.name(), 0),
+        (tap.name(), 0),
+    ];
+    for (last, (ifname, flags)) in cases.into_iter().enumerate() {
+        let config = EndpointConfig {
+            mac: [0x02, 0, 0, 0, 1, last as u8],
+            addresses: Vec::new(),
+            ..endpoint()
+        };
+        dp.attach_endpoint_filter(ifname, &config).unwrap();
+        assert_eq!(member_flags(&dp, ifindex(ifname)), flags, "{ifname}");
+        dp.detach_endpoint(ifname).unwrap();
+    }
 }
 
 #[test]
