@@ -19,9 +19,13 @@
 #include <linux/types.h>
 
 /* Endpoints (VM NICs) of one network on one node: its FDB and flood list. */
-#define FV_MAX_MEMBERS 64
+#define FV_MAX_MEMBERS 256
 /* Buckets of a network's FDB index (open addressing, at most half full). */
-#define FV_FDB_BUCKETS 128
+#define FV_FDB_BUCKETS 512
+#define FV_FDB_BUCKET_BITS 9
+/* The control plane places every MAC within this many buckets of its own (choosing the
+ * network's fdb_seed until they fit), so a lookup probes at most this many. */
+#define FV_FDB_MAX_PROBES 16
 /* Ports (endpoints and uplinks) on one node; slot 0 is never used. */
 #define FV_MAX_PORTS 8192
 /* Ifindexes below this find their slot in an array, the rest in fv_port_slots_high. */
@@ -75,10 +79,12 @@ struct fv_network {
 	__u16 member_count; /* entries of members[] in use or freed; the rest are zero */
 	__u16 flags;	    /* FV_NET_* */
 	__u16 pad;
+	__u32 fdb_seed;	    /* mixed into the FDB's bucket hash */
+	__u32 pad2;
 	struct fv_member members[FV_MAX_MEMBERS];
-	/* The FDB's index: 1 + the members[] entry of a MAC, probed linearly from
-	 * fv_fdb_bucket(mac); 0 ends a probe. */
-	__u8 fdb[FV_FDB_BUCKETS];
+	/* The FDB's index: 1 + the members[] entry of a MAC, probed linearly from the MAC's
+	 * bucket (fdb_find); 0 ends a probe. */
+	__u16 fdb[FV_FDB_BUCKETS];
 };
 
 struct fv_uplink_key {

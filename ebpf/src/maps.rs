@@ -15,9 +15,15 @@ use aya::Pod;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 
 /// FV_MAX_MEMBERS: endpoints of one network on this node (its FDB and flood list).
-pub(crate) const MAX_MEMBERS: usize = 64;
-/// FV_FDB_BUCKETS: buckets of a network's FDB index.
-pub(crate) const FDB_BUCKETS: usize = 128;
+pub(crate) const MAX_MEMBERS: usize = 256;
+/// FV_FDB_BUCKETS: buckets of a network's FDB index (2^FV_FDB_BUCKET_BITS).
+pub(crate) const FDB_BUCKETS: usize = 512;
+const FDB_BUCKET_BITS: u32 = 9;
+/// FV_FDB_MAX_PROBES: every MAC sits within this many buckets of its own.
+pub(crate) const FDB_MAX_PROBES: usize = 16;
+/// Seeds tried before a set of MACs is declared unplaceable (each fails with a chance far
+/// below 1e-6 for a full network of random MACs).
+const FDB_SEED_TRIES: u32 = 64;
 /// FV_MAX_PORTS: slots for endpoints and uplinks; slot 0 is never used.
 pub(crate) const MAX_PORTS: u32 = 8192;
 /// FV_MAX_IFINDEX: ifindexes below it find their slot in fv_port_slots, others in
@@ -94,8 +100,10 @@ pub struct FvNetwork {
     pub member_count: u16,
     pub flags: u16,
     pub pad: u16,
+    pub fdb_seed: u32,
+    pub pad2: u32,
     pub members: [FvMember; MAX_MEMBERS],
-    pub fdb: [u8; FDB_BUCKETS],
+    pub fdb: [u16; FDB_BUCKETS],
 }
 
 impl Default for FvNetwork {
@@ -107,6 +115,8 @@ impl Default for FvNetwork {
             member_count: 0,
             flags: 0,
             pad: 0,
+            fdb_seed: 0,
+            pad2: 0,
             members: [FvMember::default(); MAX_MEMBERS],
             fdb: [0; FDB_BUCKETS],
         }
@@ -114,10 +124,11 @@ impl Default for FvNetwork {
 }
 
 /// The FDB bucket a MAC's probe starts at, as `fdb_find` in datapath.c computes it: MAC
-/// bytes 2..6 as a little-endian u32, times 2654435761, the top 7 bits.
-pub(crate) fn fdb_bucket(mac: &[u8; 6]) -> usize {
-    let low = u32::from_le_bytes([mac[2], mac[3], mac[4], mac[5]]);
-    (low.wrapping_mul(2_654_435_761) >> 25) as usize
+/// bytes 2..6 as a little-endian u32, xor the network's seed, times 2654435761, the top
+/// FV_FDB_BUCKET_BITS bits.
+pub(crate) fn fdb_bucket(mac: &[u8; 6], seed: u32) -> usize {
+    let low = u32::from_le_bytes([mac[2], mac[3], mac[4], mac[5]]) ^ seed;
+    (low.wrapping_mul(2_654_435_761) >> (32 - FDB_BUCKET_BITS)) as usize
 }
 
 impl FvNetwork {
@@ -134,8 +145,8 @@ impl FvNetwork {
 
     /// The endpoint that owns `mac`, as the programs find it.
     pub fn lookup(&self, mac: &[u8; 6]) -> Option<&FvMember> {
-        let start = fdb_bucket(mac);
-        for probe in 0..FDB_BUCKETS {
+        let start = fdb_bucket(mac, self.fdb_seed);
+        for probe in 0..FDB_MAX_PROBES {
             let entry = usize::from(self.fdb[(start + probe) % FDB_BUCKETS]);
             let member = &self.members[entry.checked_sub(1)? % MAX_MEMBERS];
             if member.ifindex != 0 && member.mac == *mac {
@@ -146,7 +157,7 @@ impl FvNetwork {
     }
 
     /// Makes `ifindex` a member with `mac`, `slot` and `flags` (FV_MEMBER_*); false when
-    /// the network is full.
+    /// the network is full (or, beyond any real chance, its MACs fit no FDB seed).
     pub fn add_member(&mut self, mac: [u8; 6], ifindex: u32, slot: u32, flags: u16) -> bool {
         let count = usize::from(self.member_count);
         let entry = self.members[..count]
@@ -161,14 +172,22 @@ impl FvNetwork {
             }
             None => return false,
         };
+        let previous = self.members[index];
         self.members[index] = FvMember {
             mac,
             flags,
             ifindex,
             slot,
         };
-        self.rebuild_fdb();
-        true
+        if self.rebuild_fdb() {
+            return true;
+        }
+        // The index and seed were left as they were, which still fit the old members.
+        self.members[index] = previous;
+        if index == count {
+            self.member_count -= 1;
+        }
+        false
     }
 
     /// Frees `ifindex`'s entry (others keep theirs, so a program never reads one entry
@@ -184,24 +203,40 @@ impl FvNetwork {
         {
             self.member_count -= 1;
         }
+        // Fewer MACs fit the seed that fit more; should they not, the old index stays, whose
+        // entry for the freed member now finds an empty one (a miss).
         self.rebuild_fdb();
     }
 
-    /// Rebuilds the FDB index from the members: linear probing in FDB_BUCKETS buckets,
-    /// at most half of them full.
-    fn rebuild_fdb(&mut self) {
-        self.fdb = [0; FDB_BUCKETS];
+    /// Rebuilds the FDB index from the members: linear probing in FDB_BUCKETS buckets (at
+    /// most half full), every MAC within FDB_MAX_PROBES of its bucket. Keeps the seed while
+    /// it works, else tries others; false if none does.
+    fn rebuild_fdb(&mut self) -> bool {
+        let current = self.fdb_seed;
+        let candidates = std::iter::once(current)
+            .chain((1..=FDB_SEED_TRIES).map(|k| current ^ k.wrapping_mul(0x9e37_79b9)));
+        for seed in candidates {
+            if let Some(fdb) = self.fdb_with_seed(seed) {
+                self.fdb_seed = seed;
+                self.fdb = fdb;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn fdb_with_seed(&self, seed: u32) -> Option<[u16; FDB_BUCKETS]> {
+        let mut fdb = [0u16; FDB_BUCKETS];
         let count = usize::from(self.member_count).min(MAX_MEMBERS);
         for (index, member) in self.members[..count].iter().enumerate() {
             if member.ifindex == 0 {
                 continue;
             }
-            let mut bucket = fdb_bucket(&member.mac);
-            while self.fdb[bucket % FDB_BUCKETS] != 0 {
-                bucket += 1;
-            }
-            self.fdb[bucket % FDB_BUCKETS] = index as u8 + 1;
+            let start = fdb_bucket(&member.mac, seed);
+            let probe = (0..FDB_MAX_PROBES).find(|p| fdb[(start + p) % FDB_BUCKETS] == 0)?;
+            fdb[(start + probe) % FDB_BUCKETS] = index as u16 + 1;
         }
+        Some(fdb)
     }
 }
 
@@ -636,7 +671,10 @@ mod tests {
     fn mirrors_have_the_sizes_of_the_c_structs() {
         assert_eq!(size_of::<FvPort>(), 24 + 4 * MAX_ADDRS + 16 * MAX_ADDRS);
         assert_eq!(size_of::<FvMember>(), 16);
-        assert_eq!(size_of::<FvNetwork>(), 16 + 16 * MAX_MEMBERS + FDB_BUCKETS);
+        assert_eq!(
+            size_of::<FvNetwork>(),
+            24 + 16 * MAX_MEMBERS + 2 * FDB_BUCKETS
+        );
         assert_eq!(size_of::<FvUplinkKey>(), 8);
         assert_eq!(size_of::<FvRule>(), 40);
         assert_eq!(size_of::<FvPolicy>(), 8 + 40 * MAX_POLICY_RULES);
@@ -671,37 +709,57 @@ mod tests {
     #[test]
     fn the_fdb_finds_every_member_and_nothing_else() {
         let mut net = FvNetwork::default();
-        // Same low bytes but one: many land in neighbouring buckets or the same one.
-        for i in 0..MAX_MEMBERS as u8 {
-            assert!(net.add_member([0x02, 0xaa, 0, 0, i / 4, i % 4], 100 + u32::from(i), 1, 0));
+        // MACs that differ in the last two bytes only, many with one starting bucket.
+        let mac_of = |i: usize| [0x02, 0xaa, 0, 0, (i / 16) as u8, (i % 16) as u8];
+        for i in 0..MAX_MEMBERS {
+            assert!(net.add_member(mac_of(i), 100 + i as u32, 1, 0), "{i}");
         }
         assert!(!net.add_member(mac(0xee), 999, 1, 0), "full");
-        for i in 0..MAX_MEMBERS as u8 {
-            let found = net
-                .lookup(&[0x02, 0xaa, 0, 0, i / 4, i % 4])
-                .expect("member");
-            assert_eq!(found.ifindex, 100 + u32::from(i));
+        for i in 0..MAX_MEMBERS {
+            let found = net.lookup(&mac_of(i)).expect("member");
+            assert_eq!(found.ifindex, 100 + i as u32);
         }
         assert!(net.lookup(&mac(0xee)).is_none());
         net.remove_member(100);
-        assert!(net.lookup(&[0x02, 0xaa, 0, 0, 0, 0]).is_none());
-        let last = MAX_MEMBERS as u8 - 1;
-        assert!(
-            net.lookup(&[0x02, 0xaa, 0, 0, last / 4, last % 4])
-                .is_some()
-        );
+        assert!(net.lookup(&mac_of(0)).is_none());
+        assert!(net.lookup(&mac_of(MAX_MEMBERS - 1)).is_some());
+    }
+
+    #[test]
+    fn macs_that_crowd_one_seeds_buckets_move_the_network_to_another_seed() {
+        let mut net = FvNetwork::default();
+        // MACs whose starting bucket under seed 0 is the same: more than FDB_MAX_PROBES of
+        // them cannot be placed without a new seed.
+        let mut crowd = Vec::new();
+        let mut low = 0u32;
+        while crowd.len() < FDB_MAX_PROBES + 4 {
+            let bytes = low.to_le_bytes();
+            let mac = [0x02, 0, bytes[0], bytes[1], bytes[2], bytes[3]];
+            if fdb_bucket(&mac, 0) == 7 {
+                crowd.push(mac);
+            }
+            low += 1;
+        }
+        for (i, mac) in crowd.iter().enumerate() {
+            assert!(net.add_member(*mac, 10 + i as u32, 1, 0));
+        }
+        assert_ne!(net.fdb_seed, 0, "the seed changed");
+        for (i, mac) in crowd.iter().enumerate() {
+            assert_eq!(net.lookup(mac).expect("placed").ifindex, 10 + i as u32);
+        }
     }
 
     #[test]
     fn the_fdb_bucket_is_the_programs_hash() {
-        // fdb_find in datapath.c: (u32)(mac_key >> 16), mac_key holding bytes 0..4
-        // little-endian and 4..6 above them.
-        assert_eq!(fdb_bucket(&[0, 0, 0, 0, 0, 0]), 0);
-        let one = 2_654_435_761u32 >> 25;
-        assert_eq!(fdb_bucket(&[9, 9, 1, 0, 0, 0]), one as usize);
-        let top = 0x0100_0000u32.wrapping_mul(2_654_435_761) >> 25;
-        assert_eq!(fdb_bucket(&[9, 9, 0, 0, 0, 1]), top as usize);
-        assert!(fdb_bucket(&[0xff; 6]) < FDB_BUCKETS);
+        // fdb_find in datapath.c: ((u32)(mac_key >> 16) ^ seed) * 2654435761, top 9 bits;
+        // mac_key holds bytes 0..4 little-endian and 4..6 above them.
+        assert_eq!(fdb_bucket(&[0, 0, 0, 0, 0, 0], 0), 0);
+        let one = 2_654_435_761u32 >> 23;
+        assert_eq!(fdb_bucket(&[9, 9, 1, 0, 0, 0], 0), one as usize);
+        assert_eq!(fdb_bucket(&[9, 9, 0, 0, 0, 0], 1), one as usize);
+        let top = 0x0100_0000u32.wrapping_mul(2_654_435_761) >> 23;
+        assert_eq!(fdb_bucket(&[9, 9, 0, 0, 0, 1], 0), top as usize);
+        assert!(fdb_bucket(&[0xff; 6], u32::MAX) < FDB_BUCKETS);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use ferrovirt_tests::names::CleanupGuard;
 
 const NET: u32 = 1;
 const HANDLES: u8 = 4;
-/// HANDLES * ENDPOINTS_PER_HANDLE is FV_MAX_MEMBERS, all one network floods to.
+/// HANDLES * ENDPOINTS_PER_HANDLE endpoints join one network at once.
 const ENDPOINTS_PER_HANDLE: u8 = 16;
 
 #[test]

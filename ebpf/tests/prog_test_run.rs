@@ -597,9 +597,9 @@ fn ids_and_address_lists_beyond_the_maps_are_refused_with_the_limit() {
 #[test]
 fn every_endpoint_of_a_full_network_gets_its_unicast_even_with_colliding_macs() {
     let dp = switch();
-    // A and B are members already; 62 more fill the network. Their MACs differ in the
-    // last two bytes only, so many start their FDB probe in the same bucket.
-    let others: Vec<(u32, Mac)> = (0..62u8)
+    // A and B are members already; 254 more fill the network (FV_MAX_MEMBERS). Their MACs
+    // differ in the last two bytes only, so many start their FDB probe in the same bucket.
+    let others: Vec<(u32, Mac)> = (0..254u8)
         .map(|i| (910_000 + u32::from(i), [0x02, 0, 0, 0, i % 3, i]))
         .collect();
     for &(ifindex, mac) in &others {
