@@ -28,9 +28,10 @@ use ferrovirt_ebpf::{
 };
 use ferrovirt_tests::frames;
 use ferrovirt_tests::iperf3::{self, Iperf3Server};
+use ferrovirt_tests::names::ip;
 use ferrovirt_tests::netns_topology::{NS_IFNAME, NetnsTopology, ProcNetDev, TopologySpec};
 use ferrovirt_tests::xdp_live_frames::{self, ReturningProgram};
-use ferrovirt_tests::{BpfPinDir, NetNs, PacketSocket};
+use ferrovirt_tests::{BpfPinDir, Link, NetNs, PacketSocket};
 
 use super::{RunConfig, Suite};
 use crate::report::SuiteReport;
@@ -100,6 +101,8 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     let mut pps = Samples::new("udp_64b_pps", "frames/s", Better::Higher);
     let mut pps_xdp = Samples::new("udp_64b_pps_xdp_gen", "frames/s", Better::Higher);
     let mut tcp = Samples::new("tcp_gbit_s", "Gbit/s", Better::Higher);
+    let direct = DirectPair::create().context("two namespaces joined by one veth")?;
+    let mut tcp_ceiling = Samples::new("tcp_gbit_s_vs_no_switch", "Gbit/s", Better::Higher);
     for round in 0..config.rounds {
         for side in round_order(round) {
             let topo = match side {
@@ -130,8 +133,15 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             pps.push(side, frames_per_s);
             pps_xdp.push(side, xdp_frames_per_s);
             tcp.push(side, gbit);
+            if side == Side::Ferrovirt {
+                tcp_ceiling.push(side, gbit);
+            }
         }
+        let ceiling = direct.tcp_gbit().context("TCP with no switch")?;
+        eprintln!("datapath: no switch: {ceiling:.2} Gbit/s TCP");
+        tcp_ceiling.push(Side::Peer, ceiling);
     }
+    drop(direct);
     let counters = ebpf
         .datapath()
         .counters(ebpf.topology().endpoint(0).host_if())?;
@@ -139,6 +149,11 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     for samples in [&pps, &pps_xdp, &tcp] {
         rows.push(samples.summarize("Linux bridge").context("no samples")?);
     }
+    rows.push(
+        tcp_ceiling
+            .summarize("one veth pair, no switch")
+            .context("no samples")?,
+    );
     Ok(SuiteReport {
         suite: SUITE.name.to_string(),
         peer_name: "the Linux bridge (throughput) / the BPF_PROG_TEST_RUN floor (program cost)"
@@ -230,6 +245,11 @@ fn notes() -> Vec<String> {
          raw sender, 1.18× with the XDP generator, 0.98× its TCP). Peer: a Linux bridge \
          (STP off, forward delay 0) with both host ends as ports, in a private namespace \
          with bridge-nf-call-{arp,ip,ip6}tables=0."
+            .into(),
+        "tcp_gbit_s_vs_no_switch: the same ferrovirt samples against two namespaces joined \
+         by one veth pair with nothing between them (GRO on both ends), measured once per \
+         round after both sides: no switch can beat it, so its median ÷ the bridge's bounds \
+         what any switch can reach on tcp_gbit_s."
             .into(),
         "Sides alternate within each round on the same two topologies; everything shares the \
          machine's cores (sender, softirq, iperf3)."
@@ -450,9 +470,51 @@ impl Drop for HostEndGro<'_> {
 /// TCP from A to B over `iperf3 -t TCP_SECONDS`, in Gbit/s.
 fn measure_tcp_gbit(topo: &NetnsTopology) -> anyhow::Result<f64> {
     let (a, b) = (topo.endpoint(0), topo.endpoint(1));
-    let server = Iperf3Server::start(b.netns(), b.address())?;
-    let report = iperf3::run_client(a.netns(), &server, TCP_SECONDS, &[])?;
+    tcp_gbit(a.netns(), b.netns(), b.address())
+}
+
+/// `iperf3 -c` from `client` to a one-off server in `server` at `address`: Gbit/s received.
+fn tcp_gbit(client: &NetNs, server: &NetNs, address: Ipv4Addr) -> anyhow::Result<f64> {
+    let server = Iperf3Server::start(server, address)?;
+    let report = iperf3::run_client(client, &server, TCP_SECONDS, &[])?;
     Ok(report.received_bits_per_second / 1e9)
+}
+
+/// Two namespaces joined by one veth pair and nothing else (GRO on both ends, as on the
+/// topologies' VM ends): TCP between them is what two veth endpoints reach with no switch
+/// at all, the ceiling of any switch's TCP row.
+struct DirectPair {
+    a: NetNs,
+    b: NetNs,
+    _link: Link,
+}
+
+const DIRECT_A: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 1);
+const DIRECT_B: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
+
+impl DirectPair {
+    fn create() -> anyhow::Result<DirectPair> {
+        let a = NetNs::create("fvda")?;
+        let b = NetNs::create("fvdb")?;
+        let (link, peer) = Link::veth("fvd")?;
+        let ends = [(&a, link.name(), DIRECT_A), (&b, peer.as_str(), DIRECT_B)];
+        for (netns, ifname, address) in ends {
+            ip(&["link", "set", ifname, "netns", netns.name()])?;
+            let cidr = format!("{address}/24");
+            ip(&["-n", netns.name(), "addr", "add", &cidr, "dev", ifname])?;
+            ip(&["-n", netns.name(), "link", "set", ifname, "up"])?;
+            ip(&["-n", netns.name(), "link", "set", "lo", "up"])?;
+            let gro = netns.run("ethtool", &["-K", ifname, "gro", "on"])?;
+            if !gro.status.success() {
+                bail!("ethtool -K {ifname} gro on failed (apt-get install ethtool)");
+            }
+        }
+        Ok(DirectPair { a, b, _link: link })
+    }
+
+    fn tcp_gbit(&self) -> anyhow::Result<f64> {
+        tcp_gbit(&self.a, &self.b, DIRECT_B)
+    }
 }
 
 /// One program run to time: which program, on what, and the verdict that proves the frame
