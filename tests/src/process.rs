@@ -443,6 +443,31 @@ pub(crate) fn tail(text: &str, max_lines: usize) -> String {
 
 /// Whether a socket bound to `path` is listening: its /proc/net/unix line carries
 /// __SO_ACCEPTCON (flags 00010000), set by listen(2).
+/// Reads `stream` on a thread until `text` appears in what it read, the stream ends or
+/// `timeout` passes; the thread returns what it read, lossily decoded.
+pub fn read_until_text<R: io::Read + Send + 'static>(
+    mut stream: R,
+    text: &str,
+    timeout: Duration,
+) -> std::thread::JoinHandle<String> {
+    let text = text.to_owned();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&seen).contains(&text) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+}
+
 pub fn unix_socket_listening(path: &Path) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;

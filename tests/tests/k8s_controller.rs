@@ -679,26 +679,16 @@ fn fvctl_console_reaches_the_launchers_terminal_through_the_api_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut stdin = child.stdin.take().expect("stdin");
     std::thread::sleep(Duration::from_secs(2));
     stdin.write_all(b"hello-from-fvctl\n").expect("write");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 1024];
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            match stdout.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-            if String::from_utf8_lossy(&seen).contains("console: hello-from-fvctl") {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&seen).into_owned()
-    });
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = ferrovirt_tests::process::read_until_text(
+        stdout,
+        "console: hello-from-fvctl",
+        Duration::from_secs(20),
+    );
     std::thread::sleep(Duration::from_secs(5));
     let _ = stdin.write_all(&[0x1d]);
     drop(stdin);

@@ -174,7 +174,7 @@ fn assert_node_clean(uid: &str, record: &Value) {
 
 /// What `fvctl console VMI` shows until `text` appears (at most 30 s), then detaches.
 fn fvctl_console(ns: &Namespace, vmi: &str, text: &str) -> String {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let binary = ferrovirt_tests::try_fvctl_binary().unwrap_or_else(|e| panic!("{e}"));
     let mut child = std::process::Command::new(binary)
         .env("KUBECONFIG", cluster().kubeconfig())
@@ -184,23 +184,8 @@ fn fvctl_console(ns: &Namespace, vmi: &str, text: &str) -> String {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("fvctl: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout");
-    let text = text.to_owned();
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 1024];
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            match stdout.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-            if String::from_utf8_lossy(&seen).contains(&text) {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&seen).into_owned()
-    });
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = ferrovirt_tests::process::read_until_text(stdout, text, Duration::from_secs(30));
     let seen = reader.join().unwrap_or_default();
     // Ctrl+] detaches; the VM goes on.
     if let Some(mut stdin) = child.stdin.take() {
