@@ -359,7 +359,13 @@ pub(crate) fn configure_endpoint(
         .filter(|(_, old)| old.flags & PORT_ENDPOINT != 0);
     let slot = maps.write_port(&port)?;
     let flags = if peer { MEMBER_PEER } else { 0 };
-    net.add_member(config.mac, ifindex, slot, flags);
+    if !net.add_member(config.mac, ifindex, slot, flags) {
+        // No FDB seed placed this MAC set (beyond any real chance): undo a new port.
+        if old.is_none() {
+            maps.remove_port(ifindex)?;
+        }
+        return Err(ForwardingError::NetworkFull(config.network));
+    }
     maps.write_network(config.network, &net)?;
     if let Some((_, old)) = old
         && old.network != config.network
