@@ -182,10 +182,39 @@ impl VmNetwork {
     pub fn cni_state_dir(&self) -> PathBuf {
         self.state.join("cni")
     }
+
+    /// How many attachments ferrovirt-cni records (one per pod it ran ADD for and not yet DEL).
+    pub fn cni_records(&self) -> usize {
+        std::fs::read_dir(self.cni_state_dir())
+            .map(|d| {
+                d.flatten()
+                    .flat_map(|n| std::fs::read_dir(n.path()).into_iter().flatten().flatten())
+                    .filter(|f| f.path().extension().is_some_and(|e| e == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
 }
 
+/// How long dropping a [`VmNetwork`] waits for containerd's CNI DELs of pods still going away.
+const VM_NETWORK_DEL_WAIT: Duration = Duration::from_secs(60);
+
 impl Drop for VmNetwork {
+    /// Waits (bounded) until ferrovirt-cni has no attachment left before removing its conflist
+    /// and plugin: containerd runs a deleted sandbox's CNI DEL after the pod object is gone, and
+    /// a DEL that cannot find the plugin would leave the pod's TAP behind.
     fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + VM_NETWORK_DEL_WAIT;
+        while self.cni_records() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let left = self.cni_records();
+        if left > 0 {
+            eprintln!(
+                "k8s: {left} ferrovirt-cni attachments still recorded after {}s; their TAPs may stay",
+                VM_NETWORK_DEL_WAIT.as_secs()
+            );
+        }
         let _ = std::fs::remove_file(&self.conflist);
         let _ = std::fs::remove_file(&self.plugin);
     }

@@ -626,15 +626,7 @@ fn frames_from_one_vm_reach_another_through_the_ebpf_switch() {
     assert_node_clean(&uid, &Value::Null);
     drop(node);
     // The pods are gone: CNI DEL removed the TAPs and their endpoints.
-    let records = std::fs::read_dir(net.cni_state_dir())
-        .map(|d| {
-            d.flatten()
-                .flat_map(|n| std::fs::read_dir(n.path()).into_iter().flatten().flatten())
-                .filter(|f| f.path().extension().is_some_and(|e| e == "json"))
-                .count()
-        })
-        .unwrap_or(0);
-    assert_eq!(records, 0, "CNI records left");
+    assert_eq!(net.cni_records(), 0, "CNI records left");
 }
 
 #[test]

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ferrovirt_tests::ScratchDir;
-use ferrovirt_tests::agent::AgentProcess;
+use ferrovirt_tests::agent::AgentPod;
 use ferrovirt_tests::ferrovirt_k8s::{
-    self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, LAUNCHER_IMAGE,
+    self, ControllerProcess, FERROVIRT_LAUNCHER_IMAGE, LAUNCHER_IMAGE, VmNetwork,
 };
 use ferrovirt_tests::k8s::{Cluster, Namespace};
 use serde_json::Value;
@@ -161,10 +161,11 @@ fn watch(
 }
 
 /// A VMI of the test guest idling on the VMM's guest-idle port, with one empty disk served by
-/// ferrovirt-vhost-blk, for the real launcher.
+/// ferrovirt-vhost-blk and one vhost-user NIC on the VM network (ferrovirt-cni's TAP on the
+/// eBPF switch, served by ferrovirt-vhost-net), for the real launcher.
 fn running_vmi_yaml(name: &str) -> String {
     format!(
-        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachineInstance\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  domain:\n    memory: {{guest: 16Mi}}\n    resources: {{requests: {{cpu: 10m}}}}\n    firmware: {{kernelBoot: {{kernelArgs: scenario=idle, container: {{kernelPath: /usr/share/ferrovirt/testguest}}}}}}\n    devices: {{disks: [{{name: data}}]}}\n  volumes: [{{name: data, emptyDisk: {{capacity: 4Mi}}}}]\n"
+        "apiVersion: ferrovirt.io/v1alpha1\nkind: VirtualMachineInstance\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 0\n  domain:\n    memory: {{guest: 16Mi}}\n    resources: {{requests: {{cpu: 10m}}}}\n    firmware: {{kernelBoot: {{kernelArgs: scenario=idle, container: {{kernelPath: /usr/share/ferrovirt/testguest}}}}}}\n    devices: {{disks: [{{name: data}}], interfaces: [{{name: vmnet, binding: {{name: vhostuser}}}}]}}\n  networks: [{{name: vmnet, pod: {{}}}}]\n  volumes: [{{name: data, emptyDisk: {{capacity: 4Mi}}}}]\n"
     )
 }
 
@@ -392,19 +393,25 @@ fn vm_overhead_mib(uid: &str) -> anyhow::Result<f64> {
 }
 
 fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
+    // Declared first, dropped last: after the namespace, whose pods' CNI DELs need it.
+    let net = VmNetwork::create(cluster, "10.250.0.250").map_err(|e| anyhow!(e))?;
     let ns = cluster.namespace("cpb-node")?;
-    let agent = AgentProcess::start_as_service_account(cluster, &[]).map_err(|e| anyhow!(e))?;
+    let agent = AgentPod::start_with_cni_state(cluster, Some(&net.cni_state_dir()))
+        .map_err(|e| anyhow!(e))?;
     let controller = ControllerProcess::start_with_launcher(
         &ns,
         FERROVIRT_LAUNCHER_IMAGE,
-        &["--no-leader-elect"],
+        &["--no-leader-elect", "--vm-runtime-class", "ferrovirt"],
     )
     .map_err(|e| anyhow!(e))?;
     std::thread::sleep(Duration::from_secs(2));
-    let cpu0 = cpu_seconds(agent.process.pid())?;
+    let agent_pid = agent
+        .pid()
+        .ok_or_else(|| anyhow!("the agent does not run"))?;
+    let cpu0 = cpu_seconds(agent_pid)?;
     let latencies = create_and_time(cluster, &ns, "vmi", running_vmi_yaml, vmi_running)
-        .map_err(|e| anyhow!("{e}\nagent log:\n{}", agent.stderr()))?;
-    let agent_cpu_s = cpu_seconds(agent.process.pid())? - cpu0;
+        .map_err(|e| anyhow!("{e}\nagent log:\n{}", agent.logs()))?;
+    let agent_cpu_s = cpu_seconds(agent_pid)? - cpu0;
     let list = ns.get_json(&["vmi"])?;
     let uids: Vec<String> = list["items"]
         .as_array()
@@ -422,6 +429,7 @@ fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
     drop(controller);
     drop(ns);
     drop(agent);
+    drop(net);
     Ok(NodeRun {
         latencies,
         agent_cpu_s,
@@ -508,8 +516,8 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             "ferrovirt: VirtualMachineInstance creation → status.phase Scheduled (its launcher pod runs on the node; a busybox stand-in launcher, so this row times the controller alone); the controller runs as its ServiceAccount with leader election off".into(),
             "peer: Pod creation → Ready condition, the same image, restart policy and terminal; the floor that the scheduler, kubelet and containerd set on this one-node harness".into(),
             "controller-cpu-s, controller-rss-mib, api-requests-per-vmi: the controller process over the ferrovirt side of a round (CPU from /proc/PID/stat, VmHWM, its client's request counter on /metrics); the peer has no controller, so its column is 0 and the ratio null".into(),
-            "running-p50/p95 (ferrovirt side): VirtualMachineInstance creation → status.phase Running with the real launcher image (ferrovirt-vmm waiting on its API socket), ferrovirt-agent (device plugin, one ferrovirt-vhost-blk per VM in the pod's cgroups, VM created and booted through the API) and the test guest idling (scenario=idle); peer side: the same round's plain pods".into(),
-            "overhead-mib: per running VM, the proportional set size of its VMM and disk backend without shared memory (Pss_Anon + Pss_File from smaps_rollup; guest RAM is a shared memfd), median over the 100; agent-cpu-s: the agent's CPU seconds over the node round".into(),
+            "running-p50/p95 (ferrovirt side): VirtualMachineInstance creation → status.phase Running with the real launcher image (ferrovirt-vmm waiting on its API socket) in RuntimeClass ferrovirt (ferrovirt-cni gives each pod a TAP on the eBPF switch), ferrovirt-agent as the DaemonSet pod of deploy/agent.yaml (device plugin; per VM one ferrovirt-vhost-blk and one ferrovirt-vhost-net in the pod's cgroups, VM created and booted through the API) and the test guest idling (scenario=idle) with one disk and one NIC; peer side: the same round's plain pods".into(),
+            "overhead-mib: per running VM, the proportional set size of its VMM, disk backend and NIC backend without shared memory (Pss_Anon + Pss_File from smaps_rollup; guest RAM is a shared memfd), median over the 100; agent-cpu-s: the agent's CPU seconds over the node round".into(),
             "anchor: KubeVirt's sig-performance 100-VMI lane reports creation → Running P95 of about 20–30 s".into(),
         ],
     })
