@@ -106,13 +106,18 @@ pub struct ScratchDir {
 
 impl ScratchDir {
     pub fn new(label: &str) -> Result<ScratchDir, ProcessError> {
+        ScratchDir::new_in(&std::env::temp_dir(), label)
+    }
+
+    /// The same under `base` (which must exist) instead of the temp dir.
+    pub fn new_in(base: &Path, label: &str) -> Result<ScratchDir, ProcessError> {
         let name = format!(
             "ferrovirt-{}-{}-{}",
             sanitize_label(label, 40),
             std::process::id(),
             next_unique()
         );
-        let path = std::env::temp_dir().join(name);
+        let path = base.join(name);
         std::fs::create_dir(&path).map_err(|source| ProcessError::ScratchDir {
             path: path.clone(),
             source,

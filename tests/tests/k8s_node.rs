@@ -504,7 +504,7 @@ fn a_crashing_guest_is_run_again_under_rerun_on_failure_and_halting_leaves_nothi
 }
 
 #[test]
-fn a_missing_disk_image_fails_the_vmi_with_a_condition_and_starts_nothing() {
+fn a_missing_or_planted_disk_image_fails_the_vmi_with_a_condition_and_starts_nothing() {
     let node = Node::start("node-bad");
     let images = ScratchDir::new("node-bad").unwrap_or_else(|e| panic!("{e}"));
     let missing = images.join("missing.img");
@@ -528,6 +528,44 @@ fn a_missing_disk_image_fails_the_vmi_with_a_condition_and_starts_nothing() {
     assert!(
         str_at(sync, "/message").contains("does not exist"),
         "{sync}"
+    );
+    let uid = str_at(&v, "/metadata/uid").to_owned();
+    assert_node_clean(&uid, &Value::Null);
+    // A disk path that is a link to a file of the node, as a VMM could plant in its volume:
+    // resolved inside the launcher's root, it names nothing there. The file is where the
+    // agent's pod sees the node's files (/var/run/ferrovirt), so a link followed from the
+    // agent's side would reach it.
+    let run_dir = Path::new("/var/run/ferrovirt");
+    std::fs::create_dir_all(run_dir).unwrap_or_else(|e| panic!("{e}"));
+    let node_files = ScratchDir::new_in(run_dir, "node-only").unwrap_or_else(|e| panic!("{e}"));
+    let secret = node_files.join("node-only.img");
+    std::fs::write(&secret, vec![0x77u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
+    let planted = images.join("planted");
+    std::fs::create_dir(&planted).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(&secret, planted.join("disk.img")).unwrap_or_else(|e| panic!("{e}"));
+    node.ns
+        .apply(&vmi_yaml(
+            "planted",
+            "scenario=blk",
+            &format!(
+                "hostDisk: {{path: {}, type: Disk}}",
+                planted.join("disk.img").display()
+            ),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v = node.wait_phase("planted", "Failed");
+    let message = v["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| str_at(c, "/type") == "Synchronized")
+        .map(|c| str_at(c, "/message").to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("does not exist"), "{v}");
+    assert_eq!(
+        std::fs::read(&secret).unwrap_or_default(),
+        vec![0x77u8; 1 << 20],
+        "the node's file was touched"
     );
     let uid = str_at(&v, "/metadata/uid").to_owned();
     assert_node_clean(&uid, &Value::Null);

@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
@@ -41,6 +42,11 @@ pub struct Flags {
     /// Serve one connection and exit, instead of waiting for the VMM to reconnect.
     #[arg(long)]
     pub once: bool,
+    /// Resolve --image inside DIR as if DIR were `/` (openat2 RESOLVE_IN_ROOT): `..` and
+    /// symlinks in the image path cannot leave DIR. For images in another process's file system
+    /// (`/proc/PID/root`) whose owner may have planted links.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,8 @@ pub enum ConfigError {
     ImageModeReadOnly(PathBuf),
     #[error("cannot open image {0:?}")]
     OpenImage(PathBuf, #[source] std::io::Error),
+    #[error("cannot open --root {0:?}; pass an existing directory")]
+    OpenRoot(PathBuf, #[source] std::io::Error),
     #[error("cannot find the size of image {0:?}")]
     ImageSize(PathBuf, #[source] std::io::Error),
     #[error("image {path:?} is {size} bytes, not a multiple of 512; resize it (truncate -s)")]
@@ -76,6 +84,8 @@ pub struct BackendConfig {
     pub queue_size: u16,
     pub serial: Vec<u8>,
     pub direct: bool,
+    /// The directory `image` is resolved in, as if it were `/`.
+    pub root: Option<PathBuf>,
 }
 
 impl BackendConfig {
@@ -95,6 +105,7 @@ impl BackendConfig {
             queue_size: flags.queue_size,
             serial: serial.into_bytes(),
             direct: flags.direct,
+            root: flags.root.clone(),
         })
     }
 
@@ -107,6 +118,7 @@ impl BackendConfig {
             queue_size: 1024,
             serial: Vec::new(),
             direct: false,
+            root: None,
         }
     }
 }
@@ -123,13 +135,12 @@ pub struct Disk {
 impl Disk {
     pub fn open(config: &BackendConfig) -> Result<Self, ConfigError> {
         let path = &config.image;
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ConfigError::ImageMissing(path.clone()));
-            }
-            Err(e) => return Err(ConfigError::OpenImage(path.clone(), e)),
-        };
+        // The path is resolved once, into an O_PATH descriptor; its type is checked on that
+        // descriptor and the image is opened through it, so nothing can be swapped in between.
+        let located = locate(config)?;
+        let meta = located
+            .metadata()
+            .map_err(|e| ConfigError::OpenImage(path.clone(), e))?;
         let block_device = meta.file_type().is_block_device();
         if !meta.is_file() && !block_device {
             return Err(ConfigError::ImageNotFileOrDevice(path.clone()));
@@ -143,11 +154,12 @@ impl Disk {
         if config.direct {
             flags |= libc::O_DIRECT;
         }
+        // Opening the descriptor's magic link reopens the file it holds, with these flags.
         let mut file = OpenOptions::new()
             .read(true)
             .write(!config.read_only)
             .custom_flags(flags)
-            .open(path)
+            .open(format!("/proc/self/fd/{}", located.as_raw_fd()))
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EACCES | libc::EROFS | libc::EPERM) if !config.read_only => {
                     ConfigError::ImageReadOnly(path.clone(), e)
@@ -173,5 +185,84 @@ impl Disk {
             read_only: config.read_only,
             block_device,
         })
+    }
+}
+
+/// An O_PATH descriptor of the image, resolved inside `config.root` when there is one.
+fn locate(config: &BackendConfig) -> Result<File, ConfigError> {
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC);
+    let found = match &config.root {
+        Some(root) => {
+            let dir = File::open(root).map_err(|e| ConfigError::OpenRoot(root.clone(), e))?;
+            let how =
+                how.resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            openat2(&dir, &config.image, how)
+        }
+        None => openat2(AT_FDCWD, &config.image, how),
+    };
+    let path = &config.image;
+    match found {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(nix::errno::Errno::ENOENT) => Err(ConfigError::ImageMissing(path.clone())),
+        Err(e) => Err(ConfigError::OpenImage(path.clone(), e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrovirt_tests::ScratchDir;
+
+    fn config(image: &str, root: Option<&std::path::Path>) -> BackendConfig {
+        BackendConfig {
+            root: root.map(Into::into),
+            ..BackendConfig::new(image)
+        }
+    }
+
+    #[test]
+    fn links_in_the_image_path_stay_inside_the_root() {
+        let s = ScratchDir::new("blkroot").unwrap();
+        let outside = s.join("outside.img");
+        std::fs::write(&outside, vec![7u8; 4096]).unwrap();
+        let root = s.join("root");
+        std::fs::create_dir_all(root.join("images")).unwrap();
+        std::fs::write(root.join("images/real.img"), vec![0u8; 8192]).unwrap();
+        // Planted by whoever owns the root: an absolute link and a `..` walk to a host file.
+        std::os::unix::fs::symlink(&outside, root.join("planted.img")).unwrap();
+        let escape = format!("/../{}", outside.strip_prefix("/").unwrap().display());
+        // Without a root the link is followed to the host file (what --root prevents).
+        let host = root.join("planted.img");
+        let followed = Disk::open(&config(host.to_str().unwrap(), None)).unwrap();
+        assert_eq!(followed.size, 4096);
+        for path in ["/planted.img", escape.as_str()] {
+            match Disk::open(&config(path, Some(&root))) {
+                Err(ConfigError::ImageMissing(p)) => assert_eq!(p, PathBuf::from(path)),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        // Links that stay inside the root resolve there.
+        std::os::unix::fs::symlink("/images/real.img", root.join("inside.img")).unwrap();
+        for path in ["/inside.img", "images/real.img", "/../images/real.img"] {
+            let disk = Disk::open(&config(path, Some(&root))).unwrap();
+            assert_eq!(disk.size, 8192, "{path}");
+            assert!(!disk.read_only);
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_a_missing_root_is_refused_without_blocking() {
+        let s = ScratchDir::new("blkfifo").unwrap();
+        let fifo = s.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(matches!(
+            Disk::open(&config(fifo.to_str().unwrap(), None)),
+            Err(ConfigError::ImageNotFileOrDevice(_))
+        ));
+        let missing = s.join("no-such-root");
+        let err = Disk::open(&config("/fifo", Some(&missing))).unwrap_err();
+        assert!(matches!(err, ConfigError::OpenRoot(..)), "{err:?}");
+        assert!(err.to_string().contains("--root"), "{err}");
     }
 }

@@ -166,6 +166,7 @@ fn help_documents_every_flag() {
         "--serial",
         "--direct",
         "--once",
+        "--root",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

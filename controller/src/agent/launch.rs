@@ -113,10 +113,10 @@ struct PodResolver<'a> {
 
 impl Resolver for PodResolver<'_> {
     fn image(&mut self, volume: &Volume) -> Result<Image, plan::Error> {
-        let mounted = self
-            .root
-            .join(DISKS_DIR.trim_start_matches('/'))
-            .join(&volume.name);
+        // The volume's directory (or device) as the launcher sees it; the backend opens images
+        // there resolved inside the launcher's root, which the VMM can write to.
+        let in_pod = Path::new(DISKS_DIR).join(&volume.name);
+        let mounted = self.root.join(in_pod.strip_prefix("/").unwrap_or(&in_pod));
         if let Some(host) = &volume.host_disk {
             let file = Path::new(&host.path)
                 .file_name()
@@ -126,14 +126,16 @@ impl Resolver for PodResolver<'_> {
                 _ => None,
             };
             return Ok(Image {
-                path: mounted.join(file),
+                path: in_pod.join(file),
+                root: Some(self.root.clone()),
                 create_size,
                 ..Default::default()
             });
         }
         if let Some(empty) = &volume.empty_disk {
             return Ok(Image {
-                path: mounted.join(DISK_IMG),
+                path: in_pod.join(DISK_IMG),
+                root: Some(self.root.clone()),
                 create_size: Some(plan::capacity(volume, &empty.capacity)?),
                 ..Default::default()
             });
@@ -143,7 +145,8 @@ impl Resolver for PodResolver<'_> {
             // volumeMode: Block: the kubelet made the device node at the disk path.
             if std::fs::metadata(&mounted).is_ok_and(|m| m.file_type().is_block_device()) {
                 return Ok(Image {
-                    path: mounted,
+                    path: in_pod,
+                    root: Some(self.root.clone()),
                     read_only,
                     ..Default::default()
                 });
@@ -151,7 +154,8 @@ impl Resolver for PodResolver<'_> {
             let fits = filesystem_disk_size(&mounted);
             let claimed = self.volumes.claim_sizes.get(&volume.name).copied();
             return Ok(Image {
-                path: mounted.join(DISK_IMG),
+                path: in_pod.join(DISK_IMG),
+                root: Some(self.root.clone()),
                 create_size: match (fits, claimed) {
                     (Some(fits), Some(claimed)) => Some(fits.min(claimed)),
                     (fits, claimed) => fits.or(claimed),
@@ -175,7 +179,8 @@ impl Resolver for PodResolver<'_> {
                     )
                 })?;
             return Ok(Image {
-                path: mounted.join(DISK_IMG),
+                path: in_pod.join(DISK_IMG),
+                root: Some(self.root.clone()),
                 copy_from: Some(container_disk_file(root, volume, disk)?),
                 ..Default::default()
             });

@@ -52,6 +52,9 @@ pub enum Error {
 pub struct Image {
     /// The path the backend opens.
     pub path: PathBuf,
+    /// The file system `path` is resolved in, as if it were `/` (a launcher container's
+    /// `/proc/PID/root`, whose owner may plant links there); None: the node's own.
+    pub root: Option<PathBuf>,
     /// Create the file sparse with this size when it does not exist.
     pub create_size: Option<u64>,
     pub read_only: bool,

@@ -1,7 +1,8 @@
 //! Starting what a [`Plan`](super::plan::Plan) asks for: image files, backend processes, the
 //! VMM's command line; and stopping them.
 
-use std::fs::OpenOptions;
+use std::ffi::OsStr;
+use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -77,41 +78,47 @@ pub fn find_program(dir: Option<&Path>, name: &'static str) -> Result<PathBuf, E
 }
 
 /// Makes sure `image` can be served: creates it sparse when asked to, else checks it is there.
-/// True when it was created.
+/// True when it was created. Paths in a foreign root are resolved inside it (see [`open_in`]).
 pub fn prepare_image(image: &Image) -> Result<bool, Error> {
+    use nix::fcntl::OFlag;
     if let Some(nocloud) = &image.nocloud {
         nocloud.write(&image.path)?;
         return Ok(true);
     }
-    match OpenOptions::new().read(true).open(&image.path) {
+    let root = image.root.as_deref();
+    let path = &image.path;
+    match open_in(root, path, OFlag::O_RDONLY | OFlag::O_NONBLOCK) {
         Ok(_) => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let create = |e| Error::Create(path.clone(), e);
+            if root.is_none()
+                && let Some(dir) = path.parent()
+            {
+                std::fs::create_dir_all(dir).map_err(create)?;
+            }
+            let (dir, name) = parent_in(root, path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingImage(path.clone()),
+                _ => create(e),
+            })?;
             if let Some(source) = &image.copy_from {
-                sparse_copy(source, &image.path)?;
+                sparse_copy(source, &dir, name, path)?;
                 return Ok(true);
             }
             let Some(size) = image.create_size else {
-                return Err(Error::MissingImage(image.path.clone()));
+                return Err(Error::MissingImage(path.clone()));
             };
-            let create = |e| Error::Create(image.path.clone(), e);
-            if let Some(dir) = image.path.parent() {
-                std::fs::create_dir_all(dir).map_err(create)?;
-            }
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&image.path)
+            create_new_at(&dir, name)
+                .and_then(|file| file.set_len(size))
                 .map_err(create)?;
-            file.set_len(size).map_err(create)?;
             Ok(true)
         }
-        Err(e) => Err(Error::Unreadable(image.path.clone(), e)),
+        Err(e) => Err(Error::Unreadable(path.clone(), e)),
     }
 }
 
-/// Copies `from` to `to` leaving holes where `from` reads as zeroes (a container disk's image
-/// is mostly empty); through a temporary file, so `to` exists only once it is whole.
-fn sparse_copy(source: &CopySource, to: &Path) -> Result<(), Error> {
+/// Copies `source` to `name` in `dir` leaving holes where it reads as zeroes (a container
+/// disk's image is mostly empty); through a temporary file, so `name` exists only once whole.
+fn sparse_copy(source: &CopySource, dir: &File, name: &OsStr, to: &Path) -> Result<(), Error> {
     use std::io::{Read, Seek, SeekFrom, Write};
     const CHUNK: usize = 1 << 20;
     let from = &source.path;
@@ -122,9 +129,15 @@ fn sparse_copy(source: &CopySource, to: &Path) -> Result<(), Error> {
         }
         Err(e) => return Err(Error::Unreadable(from.to_owned(), e)),
     };
-    let tmp = to.with_extension("partial");
+    let tmp_name = Path::new(name).with_extension("partial").into_os_string();
     let create = |e| Error::Create(to.to_owned(), e);
-    let mut out = std::fs::File::create(&tmp).map_err(create)?;
+    // Left by a copy that was interrupted.
+    let _ = nix::unistd::unlinkat(
+        dir,
+        tmp_name.as_os_str(),
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    );
+    let mut out = create_new_at(dir, &tmp_name).map_err(create)?;
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
     loop {
@@ -143,23 +156,55 @@ fn sparse_copy(source: &CopySource, to: &Path) -> Result<(), Error> {
     }
     out.set_len(len).map_err(create)?;
     out.sync_all().map_err(create)?;
-    std::fs::rename(&tmp, to).map_err(create)
+    nix::fcntl::renameat(dir, tmp_name.as_os_str(), dir, name).map_err(|e| create(e.into()))
 }
 
-/// Opens `source.path` read-only with every component, symlinks included, resolved inside
-/// `source.root` (openat2 RESOLVE_IN_ROOT).
-fn open_in_root(source: &CopySource) -> std::io::Result<std::fs::File> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-    let root = std::fs::File::open(&source.root)?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = openat2(&root, &source.path, how).map_err(std::io::Error::from)?;
-    let file = std::fs::File::from(fd);
+/// Opens `source.path` read-only inside `source.root`; only a regular file will do.
+fn open_in_root(source: &CopySource) -> std::io::Result<File> {
+    use nix::fcntl::OFlag;
+    let file = open_in(Some(&source.root), &source.path, OFlag::O_RDONLY)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     Ok(file)
+}
+
+/// Opens `path` with `flags`; inside `root` when there is one, with every component, symlinks
+/// and `..` included, resolved there (openat2 RESOLVE_IN_ROOT), so that a link planted in a
+/// container cannot point the node at its own files.
+fn open_in(root: Option<&Path>, path: &Path, flags: nix::fcntl::OFlag) -> std::io::Result<File> {
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC);
+    let fd = match root {
+        Some(root) => {
+            let root = File::open(root)?;
+            let how =
+                how.resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            openat2(&root, path, how)?
+        }
+        None => openat2(AT_FDCWD, path, how)?,
+    };
+    Ok(File::from(fd))
+}
+
+/// The directory of `path` (resolved as [`open_in`] does) and the file's name in it.
+fn parent_in<'p>(root: Option<&Path>, path: &'p Path) -> std::io::Result<(File, &'p OsStr)> {
+    use nix::fcntl::OFlag;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the image path names no file"))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let dir = open_in(root, parent, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+    Ok((dir, name))
+}
+
+/// Creates `name` in `dir`; fails if anything, a link included, is already there.
+fn create_new_at(dir: &File, name: &OsStr) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
+    let fd = openat(dir, name, flags, Mode::from_bits_truncate(0o644))?;
+    Ok(File::from(fd))
 }
 
 /// The `ferrovirt-vhost-blk` command for `disk`.
@@ -171,6 +216,9 @@ pub fn blk_command(bin: &Binaries, disk: &DiskBackend) -> Command {
         .arg(&disk.socket)
         .arg("--num-queues")
         .arg(disk.num_queues.to_string());
+    if let Some(root) = &disk.image.root {
+        cmd.arg("--root").arg(root);
+    }
     if disk.image.read_only {
         cmd.arg("--read-only");
     }
@@ -362,6 +410,79 @@ mod tests {
         // An existing image is left alone.
         assert!(!prepare_image(&image).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn images_in_a_launchers_root_never_reach_the_nodes_files_through_planted_links() {
+        let root = ferrovirt_tests::ScratchDir::new("node-root").unwrap();
+        let host = ferrovirt_tests::ScratchDir::new("node-root-host").unwrap();
+        let secret = host.join("secret");
+        std::fs::write(&secret, b"node only").unwrap();
+        std::fs::write(root.join("src.img"), vec![0x5au8; 8192]).unwrap();
+        let disks = root.join("disks");
+        std::fs::create_dir(&disks).unwrap();
+        // The launcher's owner links the disk path, and the copy's temporary file, to a file
+        // of the node.
+        std::os::unix::fs::symlink(&secret, disks.join("disk.img")).unwrap();
+        std::os::unix::fs::symlink(&secret, disks.join("disk.partial")).unwrap();
+        let in_root = |path: &str| Image {
+            path: PathBuf::from(path),
+            root: Some(root.path().to_owned()),
+            ..Default::default()
+        };
+        // Creating over the link fails instead of truncating the node's file.
+        let created = Image {
+            create_size: Some(1 << 20),
+            ..in_root("/disks/disk.img")
+        };
+        let err = prepare_image(&created).unwrap_err();
+        assert!(matches!(err, Error::Create(..)), "{err}");
+        // A copy replaces the link (and the planted temporary) with the image.
+        let copied = Image {
+            copy_from: Some(CopySource {
+                root: root.path().to_owned(),
+                path: PathBuf::from("/src.img"),
+            }),
+            ..in_root("/../../disks/disk.img")
+        };
+        assert!(prepare_image(&copied).unwrap());
+        let meta = std::fs::symlink_metadata(disks.join("disk.img")).unwrap();
+        assert!(meta.is_file(), "{meta:?}");
+        assert_eq!(
+            std::fs::read(disks.join("disk.img")).unwrap(),
+            vec![0x5au8; 8192]
+        );
+        assert!(!disks.join("disk.partial").exists());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"node only");
+        // A directory outside the root is out of reach, too.
+        let outside = in_root(&format!("{}/new.img", host.path().display()));
+        let err = prepare_image(&Image {
+            create_size: Some(4096),
+            ..outside
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!host.join("new.img").exists());
+        // The backend is told the root.
+        let cmd = blk_command(
+            &Binaries {
+                blk: "blk".into(),
+                net: "net".into(),
+            },
+            &DiskBackend {
+                name: "d".into(),
+                image: in_root("/disks/disk.img"),
+                socket: "s".into(),
+                num_queues: 1,
+                serial: None,
+            },
+        );
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = args.iter().position(|a| a == "--root").expect("--root");
+        assert_eq!(args[at + 1], root.path().display().to_string());
     }
 
     #[test]
