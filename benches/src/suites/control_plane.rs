@@ -49,10 +49,23 @@ fn vmi_yaml(name: &str) -> String {
 /// A plain pod as close to a launcher pod as the peer allows: same image, restart policy,
 /// terminal and requests (10m CPU each, so that 100 fit on a 2-core node).
 fn pod_yaml(name: &str) -> String {
+    pod_yaml_in(name, "")
+}
+
+/// The same pod in the launchers' RuntimeClass, so that it gets the VM network's
+/// ferrovirt-cni attachment (a TAP on the eBPF switch) as well as the cluster network.
+fn pod_on_vm_network_yaml(name: &str) -> String {
+    pod_yaml_in(name, &format!("  runtimeClassName: {VM_RUNTIME_CLASS}\n"))
+}
+
+fn pod_yaml_in(name: &str, extra_spec: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 15\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n  - name: compute\n    image: {LAUNCHER_IMAGE}\n    imagePullPolicy: Never\n    stdin: true\n    tty: true\n    env: [{{name: FERROVIRT_VMI_NAME, value: {name}}}]\n    resources: {{requests: {{memory: 50Mi, cpu: 10m}}}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n{extra_spec}  restartPolicy: Never\n  terminationGracePeriodSeconds: 15\n  automountServiceAccountToken: false\n  enableServiceLinks: false\n  containers:\n  - name: compute\n    image: {LAUNCHER_IMAGE}\n    imagePullPolicy: Never\n    stdin: true\n    tty: true\n    env: [{{name: FERROVIRT_VMI_NAME, value: {name}}}]\n    resources: {{requests: {{memory: 50Mi, cpu: 10m}}}}\n"
     )
 }
+
+/// The RuntimeClass whose handler's CNI configuration holds the VM network (tests/k8s).
+const VM_RUNTIME_CLASS: &str = "ferrovirt";
 
 /// A `kubectl get --watch` that is started again when it ends early (the API server may close
 /// a watch; the new one lists every object again, and objects already reported are skipped).
@@ -392,16 +405,14 @@ fn vm_overhead_mib(uid: &str) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
-    // Declared first, dropped last: after the namespace, whose pods' CNI DELs need it.
-    let net = VmNetwork::create(cluster, "10.250.0.250").map_err(|e| anyhow!(e))?;
+fn node_round(cluster: &Cluster, net: &VmNetwork) -> anyhow::Result<NodeRun> {
     let ns = cluster.namespace("cpb-node")?;
     let agent = AgentPod::start_with_cni_state(cluster, Some(&net.cni_state_dir()))
         .map_err(|e| anyhow!(e))?;
     let controller = ControllerProcess::start_with_launcher(
         &ns,
         FERROVIRT_LAUNCHER_IMAGE,
-        &["--no-leader-elect", "--vm-runtime-class", "ferrovirt"],
+        &["--no-leader-elect", "--vm-runtime-class", VM_RUNTIME_CLASS],
     )
     .map_err(|e| anyhow!(e))?;
     std::thread::sleep(Duration::from_secs(2));
@@ -429,7 +440,6 @@ fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
     drop(controller);
     drop(ns);
     drop(agent);
-    drop(net);
     Ok(NodeRun {
         latencies,
         agent_cpu_s,
@@ -437,9 +447,9 @@ fn node_round(cluster: &Cluster) -> anyhow::Result<NodeRun> {
     })
 }
 
-fn peer_round(cluster: &Cluster) -> anyhow::Result<Vec<f64>> {
+fn peer_round(cluster: &Cluster, yaml: fn(&str) -> String) -> anyhow::Result<Vec<f64>> {
     let ns = cluster.namespace("cpb-pod")?;
-    let latencies = create_and_time(cluster, &ns, "pods", pod_yaml, pod_ready)?;
+    let latencies = create_and_time(cluster, &ns, "pods", yaml, pod_ready)?;
     drop(ns);
     Ok(latencies)
 }
@@ -449,6 +459,11 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
         .map_err(|e| anyhow!("{e}: run `tests/k8s/cluster.sh run -- cargo run --release -p ferrovirt-benches -- control-plane`"))?;
     ferrovirt_k8s::install(&cluster).map_err(anyhow::Error::msg)?;
     ferrovirt_k8s::load_launcher_image(&cluster).map_err(anyhow::Error::msg)?;
+    // One VM network for the suite (100 VMIs, then 100 pods, each round): its drop waits
+    // for the CNI DELs of pods still going away.
+    let net = VmNetwork::create(&cluster, "10.250.0.250").map_err(|e| anyhow!(e))?;
+    let mut same_net50 = Samples::new("running-p50-same-networks", "s", Better::Lower);
+    let mut same_net95 = Samples::new("running-p95-same-networks", "s", Better::Lower);
     let mut running50 = Samples::new("running-p50", "s", Better::Lower);
     let mut running95 = Samples::new("running-p95", "s", Better::Lower);
     let mut overhead = Samples::new("overhead-mib", "MiB", Better::Lower);
@@ -470,9 +485,14 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                     for s in [&mut cpu, &mut rss, &mut requests] {
                         s.push(Side::Peer, 0.0);
                     }
-                    let node = node_round(&cluster).context("node round")?;
-                    running50.push(side, percentile(&node.latencies, 0.5));
-                    running95.push(side, percentile(&node.latencies, 0.95));
+                    let node = node_round(&cluster, &net).context("node round")?;
+                    for (p50s, p95s) in [
+                        (&mut running50, &mut running95),
+                        (&mut same_net50, &mut same_net95),
+                    ] {
+                        p50s.push(side, percentile(&node.latencies, 0.5));
+                        p95s.push(side, percentile(&node.latencies, 0.95));
+                    }
                     overhead.push(side, node.overhead_mib);
                     agent_cpu.push(side, node.agent_cpu_s);
                     for s in [&mut overhead, &mut agent_cpu] {
@@ -481,10 +501,14 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
                     r.latencies
                 }
                 Side::Peer => {
-                    let latencies = peer_round(&cluster).context("peer round")?;
+                    let latencies = peer_round(&cluster, pod_yaml).context("peer round")?;
                     // Plain pods are the floor for both the Scheduled and the Running times.
                     running50.push(side, percentile(&latencies, 0.5));
                     running95.push(side, percentile(&latencies, 0.95));
+                    let same = peer_round(&cluster, pod_on_vm_network_yaml)
+                        .context("peer round on the VM network")?;
+                    same_net50.push(side, percentile(&same, 0.5));
+                    same_net95.push(side, percentile(&same, 0.95));
                     latencies
                 }
             };
@@ -496,7 +520,8 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
     let peer_name = "plain pods of the same image (creation → Ready)".to_string();
     let rows = summarize_all(
         &[
-            running50, running95, overhead, agent_cpu, p50, p95, cpu, rss, requests,
+            running50, running95, same_net50, same_net95, overhead, agent_cpu, p50, p95, cpu, rss,
+            requests,
         ],
         &peer_name,
     )?;
@@ -517,6 +542,7 @@ fn run(config: &RunConfig) -> anyhow::Result<SuiteReport> {
             "peer: Pod creation → Ready condition, the same image, restart policy and terminal; the floor that the scheduler, kubelet and containerd set on this one-node harness".into(),
             "controller-cpu-s, controller-rss-mib, api-requests-per-vmi: the controller process over the ferrovirt side of a round (CPU from /proc/PID/stat, VmHWM, its client's request counter on /metrics); the peer has no controller, so its column is 0 and the ratio null".into(),
             "running-p50/p95 (ferrovirt side): VirtualMachineInstance creation → status.phase Running with the real launcher image (ferrovirt-vmm waiting on its API socket) in RuntimeClass ferrovirt (ferrovirt-cni gives each pod a TAP on the eBPF switch), ferrovirt-agent as the DaemonSet pod of deploy/agent.yaml (device plugin; per VM one ferrovirt-vhost-blk and one ferrovirt-vhost-net in the pod's cgroups, VM created and booted through the API) and the test guest idling (scenario=idle) with one disk and one NIC; peer side: the same round's plain pods".into(),
+            format!("running-p50/p95-same-networks: the same VMIs against plain pods in RuntimeClass {VM_RUNTIME_CLASS}, which get the VM network's ferrovirt-cni attachment as well as the cluster network (run right after the plain pods of the same round): the ratio is what the VM adds beyond its pod's networks"),
             "overhead-mib: per running VM, the proportional set size of its VMM, disk backend and NIC backend without shared memory (Pss_Anon + Pss_File from smaps_rollup; guest RAM is a shared memfd), median over the 100; agent-cpu-s: the agent's CPU seconds over the node round".into(),
             "anchor: KubeVirt's sig-performance 100-VMI lane reports creation → Running P95 of about 20–30 s".into(),
         ],
