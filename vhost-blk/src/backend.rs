@@ -213,6 +213,15 @@ impl BlkBackend {
     }
 }
 
+/// Counts a submission of `ops` operations, or logs why it failed.
+fn count_submit(shared: &Shared, queue: usize, ops: Result<usize, IoError>) {
+    match ops {
+        Ok(0) => {}
+        Ok(ops) => shared.metrics.count_submit(ops),
+        Err(e) => tracing::error!(queue, error = %e, "io_uring submit failed"),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A worker that panicked left its state consistent enough to keep serving other requests.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -345,7 +354,8 @@ impl VhostUserBackend for BlkBackend {
 }
 
 impl QueueWorker {
-    /// Takes every available chain, queues its I/O, and submits the batch with one syscall.
+    /// Takes every available chain, queues its I/O, and submits the batch in a ramp of
+    /// doubling submissions (see [`crate::io`]): the first request reaches the device at once.
     fn process_queue(&mut self, shared: &Shared, queue: usize) {
         let Some(vring) = self.vring.clone() else {
             return;
@@ -389,6 +399,8 @@ impl QueueWorker {
                         self.reject(shared, &memory, rejection, sequence);
                     }
                 }
+                let submitted = self.engine.submit_ramp();
+                count_submit(shared, queue, submitted);
             }
             if !event_idx {
                 break;
@@ -403,11 +415,8 @@ impl QueueWorker {
                 }
             }
         }
-        match self.engine.submit() {
-            Ok(0) => {}
-            Ok(ops) => shared.metrics.count_submit(ops),
-            Err(e) => tracing::error!(queue, error = %e, "io_uring submit failed"),
-        }
+        let submitted = self.engine.submit();
+        count_submit(shared, queue, submitted);
         // Completions that are already there save a trip through the event loop.
         self.reap_completions(shared);
         self.signal_guest(shared);
